@@ -1,0 +1,163 @@
+"""The explainer interface shared by every explanation family, and the explainer registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["Explanation", "Explainer", "TargetOutOfRange", "register_explainer", "create", "available", "resolve_target"]
+
+
+@dataclass
+class Explanation:
+    """The output of one explained forward pass.
+
+    Attributes
+    ----------
+    logits : Tensor, shape (B, C)
+        The model's logits from the same forward pass that produced the maps.
+    maps : Tensor, shape (B, K, H, W)
+        One explanation per sample for its target class (``K`` = 1 for GradCAM-like maps,
+        6 for B-cos dynamic weights, ...).
+    target : Tensor, shape (B,)
+        The explained class of each sample.
+    """
+
+    logits: torch.Tensor
+    maps: torch.Tensor
+    target: torch.Tensor
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel / compiled wrapper."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def check_input(x: torch.Tensor, who: str) -> None:
+    if not torch.is_tensor(x):
+        raise ValueError(f"{who}: input must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{who}: input must be a floating-point image batch, got dtype {x.dtype}; "
+            "convert it with x.float() (and scale to the range the model expects)"
+        )
+    if x.dim() != 4:
+        raise ValueError(f"{who}: input must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{who}: input batch is empty")
+
+
+class TargetOutOfRange(ValueError):
+    """A target class index that the model does not have."""
+
+    def __init__(self, message: str, classes: int):
+        super().__init__(message)
+        self.classes = classes
+
+
+def resolve_target(logits: torch.Tensor, target: Optional[torch.Tensor | int], who: str) -> torch.Tensor:
+    """Class indices to explain: the model's own top-1 when ``target`` is None."""
+    batch, classes = logits.shape
+    if target is None:
+        return logits.detach().argmax(dim=1)
+    if isinstance(target, int):
+        target = torch.full((batch,), target, dtype=torch.long, device=logits.device)
+    if not torch.is_tensor(target):
+        raise ValueError(f"{who}: target must be None, an int or a tensor of class indices, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex():
+        raise ValueError(f"{who}: target must hold integer class indices, got dtype {target.dtype}")
+    target = target.reshape(-1).to(device=logits.device, dtype=torch.long)
+    if target.numel() != batch:
+        raise ValueError(
+            f"{who}: batch-size mismatch: {target.numel()} targets for a batch of {batch} images"
+        )
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
+        bad = int(target.max()) if int(target.max()) >= classes else int(target.min())
+        raise TargetOutOfRange(f"{who}: target index {bad} is out of range for a model with {classes} classes", classes)
+    return target
+
+
+def check_logits(logits: torch.Tensor, x: torch.Tensor, who: str) -> None:
+    if not torch.is_tensor(logits) or logits.dim() != 2:
+        raise ValueError(
+            f"{who}: the model must return logits of shape (B, classes), got "
+            f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}"
+        )
+    if logits.shape[0] != x.shape[0]:
+        raise ValueError(f"{who}: the model returned {logits.shape[0]} rows for a batch of {x.shape[0]}")
+
+
+class Explainer:
+    """Base class: ``explainer(model, x, target=None, *, create_graph=False) -> Explanation``.
+
+    Subclasses implement :meth:`explain`. One forward pass yields both the logits and the maps.
+
+    * ``target=None`` explains each sample's own top-1 class; an int or a tensor of shape (B,)
+      explains those classes.
+    * ``create_graph=True`` keeps the maps (and logits) differentiable with respect to the
+      model's parameters (double backpropagation through :func:`torch.autograd.grad`);
+      ``False`` returns detached tensors and keeps no graph.
+    """
+
+    name: str = "explainer"
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, target=None, *, create_graph: bool = False) -> Explanation:
+        check_input(x, type(self).__name__)
+        with torch.enable_grad():
+            out = self.explain(model, x, target, create_graph=create_graph)
+        if not create_graph:
+            out = Explanation(out.logits.detach(), out.maps.detach(), out.target)
+        return out
+
+    def explain(self, model: nn.Module, x: torch.Tensor, target, *, create_graph: bool) -> Explanation:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+_REGISTRY: Dict[str, Callable[..., Explainer]] = {}
+
+
+def register_explainer(name: str) -> Callable:
+    """Class or factory decorator: make an explainer constructible by name from configs."""
+
+    def deco(factory):
+        key = name.lower()
+        if key in _REGISTRY:
+            raise ValueError(f"explainer {name!r} is already registered")
+        _REGISTRY[key] = factory
+        return factory
+
+    return deco
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`create`."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str | Explainer, **kwargs) -> Explainer:
+    """Build a registered explainer: ``create("gradcam", layer="layer4")``."""
+    if isinstance(name, Explainer):
+        if kwargs:
+            raise ValueError("create(): keyword arguments given with an explainer instance")
+        return name
+    key = str(name).lower()
+    if key not in _REGISTRY:
+        # B-cos explainers register when their package is imported.
+        if key.startswith("bcos"):
+            import importlib
+
+            importlib.import_module("e2kd.bcos")
+        if key not in _REGISTRY:
+            raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[key](**kwargs)
