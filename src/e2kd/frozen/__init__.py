@@ -19,7 +19,7 @@ from those batches::
 
 from .augment import GEOMETRIC, PHOTOMETRIC, JointAugment
 from .dataset import FrozenDataset, frozen_forward
-from .freeze import FreezeReport, finalize, freeze
+from .freezer import FreezeReport, finalize, freeze
 from .logits import compress_logits, reconstruct_logits
 from .manifest import (
     FORMAT_VERSION,

@@ -366,8 +366,10 @@ def _write_shard(out_dir: Path, shard: int, parts: dict, key: dict, topk: Option
         tensors.update(compress_logits(logits, topk))
     count = int(tensors["index"].numel())
     start = int(tensors["index"][0])
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "shard": str(shard), "start": str(start), "count": str(count)}
-    data = safetensors_save(tensors, metadata=meta)
+    # One metadata key: safetensors writes its metadata map in arbitrary order, and resumed
+    # runs must produce byte-identical shards.
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "shard": shard, "start": start, "count": count}
+    data = safetensors_save(tensors, metadata={"e2kd": json.dumps(meta, sort_keys=True)})
     name = shard_name(shard)
     write_bytes_atomic(out_dir / name, data)
     entry = {
@@ -402,7 +404,7 @@ def _complete_shards(out_dir: Path, key: dict) -> dict:
                 "choose another output folder or delete this one"
             )
         for e in manifest["shards"]:
-            entries[e["shard"]] = e
+            entries[e["shard"]] = dict(e, num_classes=manifest["num_classes"], map_shape=manifest["map_shape"])
     for part in sorted((out_dir / PARTS_DIR).glob("*.json")):
         rec = read_json(part, "shard record")
         if rec.get("key") != key:
