@@ -128,3 +128,24 @@ def test_bad_arguments(tmp_path):
         freeze(teacher, "gradcam", ds, tmp_path, batch_size=2, rank=2, world_size=2, progress=False)
     with pytest.raises(ValueError, match="unknown explainer"):
         freeze(teacher, "nope", ds, tmp_path, batch_size=2, progress=False)
+
+
+def _ddp_worker(rank, world_size, path, init_file):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        report = freeze(tiny_resnet(), "gradcam", TinyImages(n=11, size=16), path, **KW)
+        assert report.complete and report.shards_written == list(range(rank, 4, world_size))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torch_distributed_ranks_share_the_work_and_rank0_writes_the_manifest(reference, tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "store"
+    mp.spawn(_ddp_worker, args=(2, str(out), str(tmp_path / "init")), nprocs=2)
+    assert _files(out) == _files(reference[2])

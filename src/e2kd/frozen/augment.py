@@ -94,8 +94,11 @@ class JointAugment:
 
     The geometric transforms (from :data:`GEOMETRIC`, torchvision.transforms.v2) run in ONE
     call on the image, the map and the optional mask, so all three get the same random
-    parameters (crop box, flip, angle); image and map are resampled bilinearly, the mask with
-    nearest neighbours. A map smaller than the image is first upsampled bilinearly
+    parameters (crop box, flip, angle). Image and map are resampled alike, with the
+    transform's own interpolation (bilinear for the resizing crops, antialiased when
+    shrinking; nearest for ``RandomRotation``/``RandomAffine`` unless told otherwise), so a
+    map that is a per-pixel function of the image moves exactly with it up to interpolation
+    error; the mask is resampled with nearest neighbours. A map smaller than the image is first upsampled bilinearly
     (``align_corners=False``) to the image's size, so it leaves at the augmented image's
     size. The photometric transforms (:data:`PHOTOMETRIC`) then change the image only.
 
