@@ -145,8 +145,10 @@ def test_dataset_of_another_size_or_image_shape_is_refused(pixel_store):
     _, _, store = pixel_store
     with pytest.raises(ValueError, match="has 5 images but the frozen store"):
         FrozenDataset(TinyImages(n=5, size=24), store)
+    with pytest.raises(e2kd.frozen.StoreMismatchError, match="different dataset_id"):
+        FrozenDataset(TinyImages(n=4, size=24, seed=9), store)
     with pytest.raises(ValueError, match=r"images of shape \(3, 16, 16\) but the store was frozen from images of shape \(3, 24, 24\)"):
-        FrozenDataset(TinyImages(n=4, size=16), store)[0]
+        FrozenDataset(TinyImages(n=4, size=16), store, check_dataset=False)[0]
 
 
 def test_training_loop_from_the_store_without_a_teacher(tmp_path):

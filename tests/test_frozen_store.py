@@ -223,3 +223,14 @@ def test_fp16_overflow_is_refused(tmp_path):
         teacher[2].weight.fill_(1e4)
     with pytest.raises(ValueError, match="overflow float16.*bfloat16"):
         freeze(teacher, "inputxgradient", ds, tmp_path, batch_size=2, progress=False)
+
+
+def test_dataset_fingerprint_sees_subsets_and_contents():
+    base = TinyImages(n=6, size=8)
+    a = dataset_fingerprint(torch.utils.data.Subset(base, [0, 1, 2]))
+    b = dataset_fingerprint(torch.utils.data.Subset(base, [0, 1, 3]))
+    assert a["size"] == b["size"] == 3 and a["id"] != b["id"]
+    assert dataset_fingerprint(base) == dataset_fingerprint(TinyImages(n=6, size=8))
+    changed = TinyImages(n=6, size=8)
+    changed.images[5, 0, 0, 0] += 0.5  # the last image is always probed
+    assert dataset_fingerprint(changed)["id"] != dataset_fingerprint(base)["id"]

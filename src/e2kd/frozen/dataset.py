@@ -7,6 +7,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from .augment import JointAugment
+from .manifest import dataset_fingerprint
 from .store import FrozenStore
 
 __all__ = ["FrozenDataset", "frozen_forward"]
@@ -28,15 +29,26 @@ class FrozenDataset(torch.utils.data.Dataset):
         same order, same size).
     store : FrozenStore or path
     geometric, photometric : sequences of torchvision.transforms.v2 transforms
+    check_dataset : bool
+        Compare :func:`e2kd.frozen.dataset_fingerprint` of ``base_dataset`` with the store's
+        dataset identity (default). Turn off only for a store frozen with a custom
+        ``dataset_id``.
     """
 
-    def __init__(self, base_dataset, store, *, geometric: Sequence = (), photometric: Sequence = ()):
+    def __init__(
+        self, base_dataset, store, *, geometric: Sequence = (), photometric: Sequence = (), check_dataset: bool = True
+    ):
         if not isinstance(store, FrozenStore):
             store = FrozenStore(store)
         if len(base_dataset) != len(store):
             raise ValueError(
                 f"the dataset has {len(base_dataset)} images but the frozen store {str(store.path)!r} was built from "
                 f"{len(store)}; pass the dataset the store was frozen from (same split, sampling and size)"
+            )
+        if check_dataset:
+            stored = store.manifest["dataset"]
+            store.check(
+                {"dataset_id": dataset_fingerprint(base_dataset, name=stored.get("name"), split=stored.get("split"))}
             )
         self.base = base_dataset
         self.store = store

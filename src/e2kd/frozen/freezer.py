@@ -279,8 +279,8 @@ def freeze(
     }
     size = ident["size"]
     num_shards = math.ceil(size / int(shard_size))
-    done = _complete_shards(out_dir, key)
     mine = [s for s in range(rank, num_shards, world_size)]
+    done = _complete_shards(out_dir, key, check=mine)
     todo = [s for s in mine if s not in done]
     skipped = [s for s in mine if s in done]
 
@@ -386,13 +386,18 @@ def _write_shard(out_dir: Path, shard: int, parts: dict, key: dict, topk: Option
     write_json_atomic(out_dir / PARTS_DIR / (name + ".json"), {"key": key, "entry": entry})
 
 
-def _verified(out_dir: Path, entry: Mapping) -> bool:
+def _verified(out_dir: Path, entry: Mapping, full: bool) -> bool:
     path = out_dir / entry["file"]
-    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+    ok = path.is_file() and path.stat().st_size == entry["bytes"]
+    return ok and (not full or sha256_file(path) == entry["sha256"])
 
 
-def _complete_shards(out_dir: Path, key: dict) -> dict:
-    """Shards already frozen with this exact configuration whose bytes check out."""
+def _complete_shards(out_dir: Path, key: dict, check: Optional[Sequence[int]] = None) -> dict:
+    """Shards already frozen with this exact configuration whose bytes check out.
+
+    Shards in ``check`` (default: all) are hashed; the others need only exist with the
+    recorded size (they were written atomically after hashing the bytes in memory).
+    """
     entries = {}
     manifest_path = out_dir / MANIFEST_NAME
     if manifest_path.exists():
@@ -413,11 +418,12 @@ def _complete_shards(out_dir: Path, key: dict) -> dict:
                 f"({_key_diff(rec.get('key') or {}, key)}); choose another output folder or delete this one"
             )
         entries[rec["entry"]["shard"]] = rec["entry"]
-    return {s: e for s, e in entries.items() if _verified(out_dir, e)}
+    check = set(entries) if check is None else set(check)
+    return {s: e for s, e in entries.items() if _verified(out_dir, e, full=s in check)}
 
 
-def _finalize(out_dir: Path, key: dict, num_shards: int, require: bool) -> Optional[dict]:
-    done = _complete_shards(out_dir, key)
+def _finalize(out_dir: Path, key: dict, num_shards: int, require: bool, check=()) -> Optional[dict]:
+    done = _complete_shards(out_dir, key, check=check)
     missing = [s for s in range(num_shards) if s not in done]
     if missing:
         if require:
@@ -458,8 +464,8 @@ def _finalize(out_dir: Path, key: dict, num_shards: int, require: bool) -> Optio
 def finalize(out_dir: Union[str, os.PathLike]) -> dict:
     """Write the manifest of a store whose shards were frozen by independent ranks.
 
-    Raises :class:`StoreCorruptedError` when a shard is missing or its bytes do not match.
-    Returns the manifest.
+    Every shard's sha256 is checked; raises :class:`StoreCorruptedError` when a shard is
+    missing or its bytes do not match. Returns the manifest.
     """
     out_dir = Path(out_dir)
     parts = sorted((out_dir / PARTS_DIR).glob("*.json"))
@@ -469,4 +475,4 @@ def finalize(out_dir: Union[str, os.PathLike]) -> dict:
         raise FileNotFoundError(f"{str(out_dir)!r} holds no frozen shards; run freeze first")
     key = read_json(parts[0], "shard record")["key"]
     num_shards = math.ceil(key["dataset"]["size"] / key["shard_size"])
-    return _finalize(out_dir, key, num_shards, require=True)
+    return _finalize(out_dir, key, num_shards, require=True, check=None)
