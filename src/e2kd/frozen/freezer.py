@@ -411,7 +411,10 @@ def _complete_shards(out_dir: Path, key: dict, check: Optional[Sequence[int]] = 
         for e in manifest["shards"]:
             entries[e["shard"]] = dict(e, num_classes=manifest["num_classes"], map_shape=manifest["map_shape"])
     for part in sorted((out_dir / PARTS_DIR).glob("*.json")):
-        rec = read_json(part, "shard record")
+        try:
+            rec = read_json(part, "shard record")
+        except FileNotFoundError:  # another rank finalised the store meanwhile
+            continue
         if rec.get("key") != key:
             raise ValueError(
                 f"{str(out_dir)!r} holds partial results of another freeze configuration "

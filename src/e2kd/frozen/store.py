@@ -53,6 +53,8 @@ class FrozenStore:
         ``num_classes`` and ``dataset_size``. A difference raises
         :class:`StoreMismatchError` naming the field and both values.
     verify : {"lazy", "eager"}
+        With DataLoader workers, ``"eager"`` (or :meth:`verify` before the loader starts)
+        checks each shard once in the main process instead of once per worker.
 
     Indexing ``store[i]`` gives a dict with ``logits`` (C,) float32 (reconstructed when the
     store keeps top-k logits), ``maps`` (K, h, w) in the stored dtype and ``target`` (the
