@@ -1,0 +1,102 @@
+"""The dataset of frozen distillation: images with the teacher's stored logits and maps."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from .augment import JointAugment
+from .manifest import dataset_fingerprint
+from .store import FrozenStore
+
+__all__ = ["FrozenDataset", "frozen_forward"]
+
+
+class FrozenDataset(torch.utils.data.Dataset):
+    """Wrap an un-augmented dataset and its frozen store for distillation without a teacher.
+
+    ``dataset[i]`` is the base sample dict (``image``, ``label``, ``index``, and ``mask`` /
+    ``group`` where present) plus ``teacher_logits`` (C,) float32 and ``teacher_maps``
+    (K, h, w) float32 from the store, augmented by :class:`JointAugment`: one random geometric
+    augmentation moves image, map and mask alike, photometric ones change the image only. A
+    default-collated batch feeds :class:`e2kd.Distiller` directly (see :func:`frozen_forward`).
+
+    Parameters
+    ----------
+    base_dataset : map-style dataset
+        The dataset the store was frozen from, without random augmentation (same images,
+        same order, same size).
+    store : FrozenStore or path
+    geometric, photometric : sequences of torchvision.transforms.v2 transforms
+    check_dataset : bool
+        Compare :func:`e2kd.frozen.dataset_fingerprint` of ``base_dataset`` with the store's
+        dataset identity (default). Turn off only for a store frozen with a custom
+        ``dataset_id``.
+    """
+
+    def __init__(
+        self, base_dataset, store, *, geometric: Sequence = (), photometric: Sequence = (), check_dataset: bool = True
+    ):
+        if not isinstance(store, FrozenStore):
+            store = FrozenStore(store)
+        if len(base_dataset) != len(store):
+            raise ValueError(
+                f"the dataset has {len(base_dataset)} images but the frozen store {str(store.path)!r} was built from "
+                f"{len(store)}; pass the dataset the store was frozen from (same split, sampling and size)"
+            )
+        if check_dataset:
+            stored = store.manifest["dataset"]
+            store.check(
+                {"dataset_id": dataset_fingerprint(base_dataset, name=stored.get("name"), split=stored.get("split"))}
+            )
+        self.base = base_dataset
+        self.store = store
+        self.augment = JointAugment(geometric=geometric, photometric=photometric)
+        for attr in ("num_classes", "in_chans", "class_names", "multilabel", "group_names"):
+            if hasattr(base_dataset, attr):
+                setattr(self, attr, getattr(base_dataset, attr))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.base[i]
+        if not isinstance(sample, Mapping) or "image" not in sample:
+            raise ValueError("the base dataset must return sample dicts with an 'image' tensor")
+        sample = dict(sample)
+        index = int(sample.get("index", i))
+        if index != int(i):
+            raise ValueError(f"sample {i} carries index {index}; the base dataset's 'index' must be the sample's position")
+        image = sample["image"]
+        if tuple(image.shape) != self.store.image_shape:
+            raise ValueError(
+                f"the base dataset returns images of shape {tuple(image.shape)} but the store was frozen from images of "
+                f"shape {self.store.image_shape} (transform {self.store.manifest['transform']}); build the dataset "
+                "with the same image size and no random augmentation"
+            )
+        stored = self.store[index]
+        image, maps, mask = self.augment(image, stored["maps"], sample.get("mask"))
+        sample["image"] = image
+        if mask is not None:
+            sample["mask"] = mask
+        sample["teacher_logits"] = stored["logits"].float()
+        sample["teacher_maps"] = maps.float()
+        return sample
+
+
+def frozen_forward(distiller, batch: Mapping, device: Optional[torch.device] = None) -> dict:
+    """``distiller(image, teacher_logits=..., teacher_maps=...)`` for a collated FrozenDataset batch.
+
+    Parameters
+    ----------
+    distiller : e2kd.Distiller
+        Built with ``teacher=None``.
+    batch : dict with ``image`` (B, C, H, W), ``teacher_logits`` (B, C), ``teacher_maps`` (B, K, h, w)
+    device : optional
+        Where to move the tensors (default: leave them where they are).
+    """
+    x, z, m = batch["image"], batch["teacher_logits"], batch["teacher_maps"]
+    if device is not None:
+        x, z, m = x.to(device), z.to(device), m.to(device)
+    return distiller(x, teacher_logits=z, teacher_maps=m)

@@ -1,0 +1,210 @@
+"""The frozen store's manifest: format version, identities of teacher, explainer and dataset,
+and the errors raised when a store does not fit the run that opens it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from ..explain.base import Explainer, create
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "StoreMismatchError",
+    "StoreCorruptedError",
+    "teacher_fingerprint",
+    "dataset_fingerprint",
+    "explainer_identity",
+    "write_json_atomic",
+]
+
+FORMAT = "e2kd-frozen"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class StoreMismatchError(ValueError):
+    """The store was built for another teacher, explainer or dataset than the run expects."""
+
+    def __init__(self, message: str, field: str, stored: Any, expected: Any):
+        super().__init__(message)
+        self.field = field
+        self.stored = stored
+        self.expected = expected
+
+
+class StoreCorruptedError(ValueError):
+    """A shard is missing, truncated or its bytes do not match the manifest's checksum."""
+
+    def __init__(self, message: str, shard: str):
+        super().__init__(message)
+        self.shard = shard
+
+
+def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    # view as bytes: works for every dtype, including bf16 which numpy lacks.
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def teacher_fingerprint(teacher: Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]) -> str:
+    """Identity of a teacher's weights.
+
+    A path gives ``"file-sha256:<hex>"`` (sha256 of the weights file's bytes); a module or a
+    state dict gives ``"state-sha256:<hex>"``, the sha256 over the sorted state-dict entries
+    (name, dtype, shape and raw bytes of each tensor), so the same weights loaded from any file
+    format have the same identity. Use the same kind on both sides (freeze and distill): the
+    two kinds never compare equal.
+    """
+    if isinstance(teacher, (str, os.PathLike)):
+        path = Path(teacher)
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher weights file {str(path)!r} does not exist")
+        return "file-sha256:" + sha256_file(path)
+    if isinstance(teacher, nn.Module):
+        state = teacher.state_dict()
+    elif isinstance(teacher, Mapping):
+        state = teacher
+    else:
+        raise ValueError(
+            f"teacher_fingerprint expects a module, a state dict or a weights file path, got {type(teacher).__name__}"
+        )
+    h = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        if torch.is_tensor(value):
+            _hash_tensor(h, name, value)
+        else:
+            h.update(f"{name}|{value!r}|".encode())
+    return "state-sha256:" + h.hexdigest()
+
+
+def _sample_bytes(h, sample: Mapping[str, Any]) -> None:
+    for key in ("image", "label"):
+        if key in sample:
+            value = sample[key]
+            if torch.is_tensor(value):
+                _hash_tensor(h, key, value)
+            else:
+                h.update(f"{key}|{value!r}|".encode())
+
+
+def dataset_fingerprint(dataset, *, name: Optional[str] = None, split: Optional[str] = None, probe: int = 16) -> dict:
+    """Identity of an (un-augmented) dataset: name, split, size and a content hash.
+
+    The hash covers name, split and size, the ``indices`` attribute when the dataset is a
+    subset (few-shot samples, ``torch.utils.data.Subset``), and the image and label bytes of
+    ``probe`` samples at evenly spaced positions (first and last included). Two datasets with
+    the same identity hold the same images at those positions; the full image contents are
+    hashed per shard by :func:`e2kd.frozen.freeze` as well. Subsets are recognised by an
+    ``indices`` (``torch.utils.data.Subset``) or ``source_indices`` (e2kd.data) attribute.
+
+    Returns
+    -------
+    dict with ``id`` (``"sha256:<hex>"``), ``name``, ``split`` and ``size``.
+    """
+    size = len(dataset)
+    if size == 0:
+        raise ValueError("dataset is empty; nothing to freeze")
+    name = name if name is not None else getattr(dataset, "name", None) or type(dataset).__name__
+    split = split if split is not None else getattr(dataset, "split", None)
+    h = hashlib.sha256()
+    h.update(f"name={name}|split={split}|size={size}|".encode())
+    indices = getattr(dataset, "indices", None)
+    if indices is None:
+        indices = getattr(dataset, "source_indices", None)
+    if indices is not None:
+        idx = torch.as_tensor(list(indices) if not torch.is_tensor(indices) else indices, dtype=torch.long)
+        _hash_tensor(h, "indices", idx)
+    count = max(1, min(int(probe), size))
+    positions = sorted({round(i * (size - 1) / max(count - 1, 1)) for i in range(count)})
+    for pos in positions:
+        sample = dataset[pos]
+        if not isinstance(sample, Mapping):
+            raise ValueError(
+                f"dataset samples must be dicts with 'image', 'label' and 'index', got {type(sample).__name__}"
+            )
+        h.update(f"pos={pos}|".encode())
+        _sample_bytes(h, sample)
+    return {"id": "sha256:" + h.hexdigest(), "name": str(name), "split": None if split is None else str(split), "size": size}
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def explainer_identity(explainer: Union[str, Mapping, Explainer]) -> dict:
+    """``{"name": ..., "settings": {...}}`` of an explainer (instance, registered name or dict).
+
+    Settings are the explainer's public attributes (for GradCAM: ``layer``, ``upsample``,
+    ``relu``), so ``GradCAM(layer="layer3")`` and ``GradCAM()`` are different explainers.
+    """
+    if isinstance(explainer, Mapping) and "settings" in explainer:
+        return {"name": str(explainer["name"]).lower(), "settings": _jsonable(dict(explainer["settings"]))}
+    if isinstance(explainer, Mapping):
+        spec = dict(explainer)
+        if "name" not in spec:
+            raise ValueError("an explainer given as a dict needs a 'name' key, e.g. {'name': 'gradcam', 'layer': 'layer4'}")
+        explainer = create(spec.pop("name"), **spec)
+    elif isinstance(explainer, str):
+        explainer = create(explainer)
+    if not isinstance(explainer, Explainer):
+        raise ValueError(f"explainer must be an Explainer, a registered name or a dict, got {type(explainer).__name__}")
+    settings = {k: _jsonable(v) for k, v in sorted(vars(explainer).items()) if not k.startswith("_")}
+    return {"name": str(getattr(explainer, "name", type(explainer).__name__)).lower(), "settings": settings}
+
+
+def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then ``os.replace`` it into place."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Union[str, os.PathLike], what: str) -> dict:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise StoreCorruptedError(f"{what} {str(path)!r} is not valid JSON ({err}); rebuild the store with e2kd freeze", str(path)) from None
