@@ -55,12 +55,14 @@ class Stamp:
 
 
 def stamp_paths(category: str, *, recursive: bool = True) -> list[Path]:
-    """PNG stamps of a category folder (e.g. "animals/birds"), cartoons excluded, sorted."""
+    """PNG stamps of a category folder (e.g. "animals/birds"), sorted; drawings and toys
+    (sub-folders "cartoon", "plastic", "toys") are left out: only photos remain."""
     d = STAMPS_DIR / category
     if not d.is_dir():
         raise FileNotFoundError(f"stamp folder {d} not found. {STAMPS_HINT}")
     pattern = "**/*.png" if recursive else "*.png"
-    paths = sorted(p for p in d.glob(pattern) if "cartoon" not in p.relative_to(d).parts)
+    skip = {"cartoon", "plastic", "toys"}
+    paths = sorted(p for p in d.glob(pattern) if not skip & set(p.relative_to(d).parts))
     if not paths:
         raise FileNotFoundError(f"no PNG stamps in {d}. {STAMPS_HINT}")
     return paths
@@ -183,6 +185,7 @@ def paste(
     top: int,
     left: int,
     flip: bool,
+    background: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste ``stamp`` resized to ``height`` pixels high at (top, left), flipped if asked.
 
@@ -195,6 +198,9 @@ def paste(
     Parameters
     ----------
     canvas : float (3, S, S) in [0, 1] whose values are multiples of 1/255 (modified in place)
+    background : float (3, S, S), optional: when pasting several objects, the bare
+        background; the one-level move then keeps every object pixel different from it (so
+        the union of the object masks is exactly where the image differs from the background)
 
     Returns
     -------
@@ -222,7 +228,8 @@ def paste(
     sy, sx = y0 - top, x0 - left
     win_in = inside[sy : sy + (y1 - y0), sx : sx + (x1 - x0)]
     win_col = colour[:, sy : sy + (y1 - y0), sx : sx + (x1 - x0)]
-    bg = (canvas[:, y0:y1, x0:x1] * 255).round()
+    ref = canvas if background is None else background
+    bg = (ref[:, y0:y1, x0:x1] * 255).round()
     same = (win_col == bg).all(0) & win_in
     if same.any():
         c0 = win_col[0]
