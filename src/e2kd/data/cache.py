@@ -45,6 +45,7 @@ def cached_generate(
     key: dict,
     generate: Callable[[], dict[str, dict[str, torch.Tensor]]],
     *,
+    part: str | None = None,
     verify: bool = True,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Load generated tensors from the cache, or generate and store them once.
@@ -56,7 +57,8 @@ def cached_generate(
         sizes, counts); a different key is a different cache entry, so changing the seed or
         the generator version regenerates
     generate : returns ``{part: {name: tensor}}`` (e.g. one part per split)
-    verify : check the SHA-256 of every file against the manifest when loading
+    part : load (and verify) only this part from the cache; the result then holds at least it
+    verify : check the SHA-256 of each loaded file against the manifest
 
     The entry is a folder ``<cache>/<kind>/<hash of key>`` with one safetensors file per part
     and ``manifest.json`` (key, counts, file hashes). It is written into a temporary folder
@@ -76,11 +78,12 @@ def cached_generate(
             if manifest.get("key") != key:
                 raise ValueError("manifest key differs")
             out = {}
-            for part, info in manifest["files"].items():
-                p = folder / f"{part}.safetensors"
+            wanted = manifest["files"] if part is None else {part: manifest["files"][part]}
+            for name, info in wanted.items():
+                p = folder / f"{name}.safetensors"
                 if verify and _sha256(p) != info["sha256"]:
                     raise ValueError(f"{p} does not match its manifest hash")
-                out[part] = load_file(str(p))
+                out[name] = load_file(str(p))
             return out
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
             warnings.warn(f"{kind}: cached copy in {folder} is damaged ({err}); regenerating", stacklevel=2)
@@ -90,10 +93,10 @@ def cached_generate(
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=base))
     try:
         files = {}
-        for part, tensors in parts.items():
-            p = tmp / f"{part}.safetensors"
+        for name, tensors in parts.items():
+            p = tmp / f"{name}.safetensors"
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(p))
-            files[part] = {"sha256": _sha256(p), "count": int(next(iter(tensors.values())).shape[0])}
+            files[name] = {"sha256": _sha256(p), "count": int(next(iter(tensors.values())).shape[0])}
         manifest = {"key": key, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         try:

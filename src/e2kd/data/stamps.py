@@ -177,6 +177,29 @@ def _premultiplied(stamp: Stamp, canvas_size: int) -> torch.Tensor:
     return pm
 
 
+_RESIZED_CACHE: dict = {}
+
+
+def _resized(stamp: Stamp, canvas_size: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inside (h, w) bool, colour (3, h, w) float in 0..255) of the stamp resized to
+    ``height``; memoised, since the generators draw the same sizes many times."""
+    key = (id(stamp), canvas_size, height)
+    hit = _RESIZED_CACHE.get(key)
+    if hit is not None and hit[0] is stamp:
+        return hit[1], hit[2]
+    pm = _premultiplied(stamp, canvas_size)
+    h0, w0 = pm.shape[-2:]
+    width = max(2, round(w0 * height / h0))
+    r = F.interpolate(pm[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+    alpha = r[3]
+    inside = alpha >= 0.5
+    colour = (r[:3] / alpha.clamp_min(1e-6)).clamp_(0, 1).mul_(255).round_()
+    if len(_RESIZED_CACHE) > 8192:
+        _RESIZED_CACHE.clear()
+    _RESIZED_CACHE[key] = (stamp, inside, colour)
+    return inside, colour
+
+
 def paste(
     canvas: torch.Tensor,
     stamp: Stamp,
@@ -208,17 +231,10 @@ def paste(
     mask : bool (S, S), the visible pixels of this object
     """
     s = canvas.shape[-1]
-    pm = _premultiplied(stamp, s)
-    h0, w0 = pm.shape[-2:]
-    height = max(2, int(height))
-    width = max(2, round(w0 * height / h0))
-    r = F.interpolate(pm[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+    inside, colour = _resized(stamp, s, max(2, int(height)))
     if flip:
-        r = r.flip(-1)
-    alpha = r[3]
-    inside = alpha >= 0.5
-    colour = (r[:3] / alpha.clamp_min(1e-6)).clamp_(0, 1)
-    colour = (colour * 255).round_()
+        inside, colour = inside.flip(-1), colour.flip(-1)
+    height, width = inside.shape
     # Clip the stamp to the canvas.
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + height, s), min(left + width, s)
@@ -232,6 +248,7 @@ def paste(
     bg = (ref[:, y0:y1, x0:x1] * 255).round()
     same = (win_col == bg).all(0) & win_in
     if same.any():
+        win_col = win_col.clone()  # never touch the memoised stamp
         c0 = win_col[0]
         c0[same] = torch.where(c0[same] >= 255, c0[same] - 1, c0[same] + 1)
     region = canvas[:, y0:y1, x0:x1]

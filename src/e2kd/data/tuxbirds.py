@@ -35,7 +35,7 @@ from .stamps import load_stamp, load_texture, paste, stamp_paths, texture_canvas
 
 __all__ = ["WATER_BIRDS", "WATER_TEXTURES", "LAND_TEXTURES", "GENERATOR_VERSION", "generate_tuxbirds", "load_tuxbirds", "render_tuxbirds_image", "bird_split"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASS_NAMES = ["landbird", "waterbird"]
 GROUP_NAMES = ["landbird_on_land", "landbird_on_water", "waterbird_on_land", "waterbird_on_water"]
 WATER_BIRDS = frozenset({
@@ -210,7 +210,10 @@ def load_tuxbirds(
         "land_textures": list(LAND_TEXTURES),
     }
     data = cached_generate(
-        "tuxbirds", key, lambda: generate_tuxbirds(image_size=int(image_size), seed=int(seed), counts=counts, workers=workers)
+        "tuxbirds",
+        key,
+        lambda: generate_tuxbirds(image_size=int(image_size), seed=int(seed), counts=counts, workers=workers),
+        part=split,
     )[split]
     ds = InMemoryImageDataset(
         images=data["images"],

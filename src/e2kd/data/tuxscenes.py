@@ -35,7 +35,7 @@ from .tuxbirds import LAND_TEXTURES, WATER_TEXTURES
 __all__ = ["CATEGORIES", "GENERATOR_VERSION", "generate_tuxscenes", "load_tuxscenes", "render_tuxscenes_image",
            "stamp_split"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CATEGORIES = {
     "mammal": ("animals/mammals", True),
     "bird": ("animals/birds", False),
@@ -234,6 +234,7 @@ def load_tuxscenes(
     data = cached_generate(
         "tuxscenes", key,
         lambda: generate_tuxscenes(image_size=int(image_size), seed=int(seed), counts=counts, workers=workers),
+        part=split,
     )[split]
     ds = InMemoryImageDataset(
         images=data["images"],

