@@ -21,7 +21,18 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["InMemoryImageDataset", "resize_uint8"]
+__all__ = ["InMemoryImageDataset", "resize_uint8", "square_size"]
+
+
+def square_size(image_size, name: str, default: int) -> int:
+    """``image_size`` as one int for generators that draw square images."""
+    if image_size is None:
+        return default
+    if isinstance(image_size, (tuple, list)):
+        if len(image_size) != 2 or image_size[0] != image_size[1]:
+            raise ValueError(f"{name} images are square: give image_size as an int, got {image_size}")
+        image_size = image_size[0]
+    return int(image_size)
 
 
 def resize_uint8(x: torch.Tensor, size: int | tuple[int, int], *, mode: str) -> torch.Tensor:

@@ -35,13 +35,12 @@ def build_dataset(
     **kw : passed to the builder (e.g. ``transform=``, ``num_samples=``)
 
     The selection is recorded in ``dataset.sampling`` (shots, val_per_class, seed, number of
-    images and ``indices_hash``) for the run logs.
+    images and, when a selection was made, ``indices_hash``) for the run logs.
     """
     builder = get_builder(name)
     if shots is None and not val_per_class:
         ds = builder(split, root=root, image_size=image_size, seed=seed, **kw)
-        if split == "train":
-            ds.sampling = {"shots": None, "val_per_class": 0, "seed": int(seed), "n": len(ds)}
+        ds.sampling = {"shots": None, "val_per_class": 0, "seed": int(seed), "n": len(ds)}
         return ds
     if split not in ("train", "val"):
         raise ValueError(

@@ -130,6 +130,13 @@ class FileImageDataset(torch.utils.data.Dataset):
     num_classes = property(lambda self: len(self.class_names))
     in_chans = 3
 
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        """(H, W) of every sample, or None when images keep their own sizes."""
+        if self.image_size is None:
+            return None
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
     def __len__(self) -> int:
         return len(self._rows)
 

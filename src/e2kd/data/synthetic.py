@@ -16,7 +16,7 @@ import math
 import torch
 
 from ._registry import register_dataset
-from .base import InMemoryImageDataset
+from .base import InMemoryImageDataset, square_size
 
 __all__ = ["make_synthetic"]
 
@@ -115,7 +115,7 @@ def _build(
     t = make_synthetic(
         num_samples=num_samples if num_samples is not None else _DEFAULT_N[split],
         num_classes=num_classes,
-        image_size=image_size or 32,
+        image_size=square_size(image_size, "synthetic", 32),
         in_chans=in_chans,
         multilabel=multilabel,
         seed=int(seed) * 10 + _SPLIT_OFFSET[split] + 1_000_003,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ._registry import register_dataset
-from .base import InMemoryImageDataset
+from .base import InMemoryImageDataset, square_size
 from .cache import cached_generate
 from .stamps import load_stamp, load_texture, paste, stamp_paths, texture_canvas
 
@@ -232,5 +232,11 @@ def load_tuxbirds(
 
 @register_dataset("tuxbirds")
 def _build(split, *, root=None, image_size=None, seed=0, counts=None, transform=None, workers=None):
-    return load_tuxbirds(split, image_size=image_size or 64, seed=seed, counts=counts, transform=transform,
-                         workers=workers)
+    return load_tuxbirds(
+        split,
+        image_size=square_size(image_size, "TuxBirds", 64),
+        seed=seed,
+        counts=counts,
+        transform=transform,
+        workers=workers,
+    )

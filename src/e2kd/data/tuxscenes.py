@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ._registry import register_dataset
-from .base import InMemoryImageDataset
+from .base import InMemoryImageDataset, square_size
 from .cache import cached_generate
 from .stamps import load_stamp, load_texture, paste, stamp_paths, texture_canvas
 from .tuxbirds import LAND_TEXTURES, WATER_TEXTURES
@@ -252,5 +252,11 @@ def load_tuxscenes(
 
 @register_dataset("tuxscenes")
 def _build(split, *, root=None, image_size=None, seed=0, counts=None, transform=None, workers=None):
-    return load_tuxscenes(split, image_size=image_size or 64, seed=seed, counts=counts, transform=transform,
-                          workers=workers)
+    return load_tuxscenes(
+        split,
+        image_size=square_size(image_size, "TuxScenes", 64),
+        seed=seed,
+        counts=counts,
+        transform=transform,
+        workers=workers,
+    )
