@@ -122,3 +122,8 @@ def test_bad_arguments():
         JointTransform(scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="image_interpolation"):
         JointTransform(image_interpolation="bicubic")
+    two = {"image": torch.rand(2, 4, 4)}
+    with pytest.raises(ValueError, match="contrast jitter needs a 1- or 3-channel"):
+        JointTransform().apply(two, CropFlip(0, 0, 1, 1, False), photometric=(1.0, 0.5))
+    with pytest.raises(ValueError, match="contrast jitter needs 1- or 3-channel"):
+        BatchAugment(contrast=0.5)({"image": torch.rand(1, 2, 4, 4)})

@@ -59,6 +59,10 @@ def test_restricted_unpickler_refuses_anything_but_arrays(tmp_path):
     notarr.write_bytes(gzip.compress(pickle.dumps([1, 2])))
     with pytest.raises(ValueError, match="expected a numpy array"):
         un.restricted_numpy_unpickle(notarr)
+    objs = tmp_path / "e.gz"
+    objs.write_bytes(gzip.compress(pickle.dumps(np.array([1, "a"], dtype=object))))
+    with pytest.raises(ValueError, match="array of Python objects"):
+        un.restricted_numpy_unpickle(objs)
 
 
 def _fake_npm_tarball(path, per_digit=2):

@@ -157,7 +157,10 @@ class JointTransform:
         if b != 1.0:
             image = TF.adjust_brightness(image, b)
         if c != 1.0:
-            image = TF.adjust_contrast(image, c) if image.shape[0] in (1, 3) else image
+            if image.shape[0] not in (1, 3):
+                raise ValueError(f"contrast jitter needs a 1- or 3-channel image, got {image.shape[0]} channels; "
+                                 "set contrast=0")
+            image = TF.adjust_contrast(image, c)
         out["image"] = image.clamp(0.0, 1.0)
         if "mask" in sample:
             out["mask"] = geo(sample["mask"], "mask")
@@ -231,7 +234,9 @@ class BatchAugment:
         cf = photo[:, 1].view(n, 1, 1, 1).to(image)
         image = image * b
         if self.joint.contrast:
-            grey = image.mean(1, keepdim=True) if c != 3 else (
+            if c not in (1, 3):
+                raise ValueError(f"contrast jitter needs 1- or 3-channel images, got {c} channels; set contrast=0")
+            grey = image if c == 1 else (
                 0.2989 * image[:, 0:1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:3])
             mean = grey.mean((2, 3), keepdim=True)
             image = cf * image + (1 - cf) * mean

@@ -204,6 +204,8 @@ def restricted_numpy_unpickle(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: cannot read ({err}); the file is truncated, corrupt or not a numpy pickle") from err
     if not isinstance(obj, np.ndarray):
         raise ValueError(f"{path}: expected a numpy array, got {type(obj).__name__}")
+    if obj.dtype.hasobject:
+        raise ValueError(f"{path}: refusing a numpy array of Python objects (dtype {obj.dtype})")
     return obj
 
 
