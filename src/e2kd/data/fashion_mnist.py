@@ -112,7 +112,10 @@ def load_fashion_mnist(
     Samples carry ``mask`` (1, H, W) = ``image > 0`` (the object; the background is 0).
     """
     if split not in _FILES:
-        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        raise ValueError(
+            f"Fashion-MNIST split must be 'train' or 'test', got {split!r}; for a validation split "
+            "held out of train use build_dataset(..., 'val', val_per_class=n)"
+        )
     folder = find_fashion_mnist(root, download=download)
     images, labels = _load_arrays(str(folder), split)
     x = torch.from_numpy(images).unsqueeze(1)
