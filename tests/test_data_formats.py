@@ -1,0 +1,146 @@
+"""The real on-disk formats (ImageFolder/ImageNet, Waterbirds, Pascal VOC, SUN397) on tiny
+fixtures written here in the same layouts; bad files give clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from e2kd.data import build_dataset
+
+
+def _png(path, colour, size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    root = tmp_path / "inet"
+    for k in range(3):
+        _png(root / "train" / "dog" / f"d{k}.png", (200, 10 * k, 0))
+    for k in range(2):
+        _png(root / "train" / "cat" / f"c{k}.JPEG", (0, 0, 100 + k))
+    (root / "train" / "dog" / "readme.txt").write_text("not an image")
+    (root / "train" / "cat" / "labels.csv").write_text("a,b")
+    _png(root / "val" / "cat" / "v0.png", (1, 2, 3))
+    return root
+
+
+def test_imagefolder_layout_and_skipped_files_warning(folder):
+    with pytest.warns(UserWarning, match=r"skipped 2 non-image file\(s\)"):
+        ds = build_dataset("imagefolder", "train", root=folder)
+    assert len(ds) == 5 and ds.class_names == ["cat", "dog"] and ds.num_classes == 2 and ds.in_chans == 3
+    assert ds.targets().tolist() == [0, 0, 1, 1, 1]
+    s = ds[3]  # dog/d1.png, colour (200, 10, 0)
+    assert s["image"].shape == (3, 10, 12) and int(s["label"]) == 1 and int(s["index"]) == 3
+    assert torch.allclose(s["image"][:, 0, 0], torch.tensor([200, 10, 0]) / 255.0)
+    v = build_dataset("imagenet", "test", root=folder, image_size=8)  # "test" -> ImageNet's "val"
+    assert len(v) == 1 and v[0]["image"].shape == (3, 8, 8)
+
+
+def test_imagefolder_few_shot_and_k_too_large(folder):
+    with pytest.warns(UserWarning):
+        ds = build_dataset("imagefolder", "train", root=folder, shots=1, val_per_class=1, seed=0)
+    assert len(ds) == 2 and sorted(ds.targets().tolist()) == [0, 1]
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"class 0 \('cat'\).*only 1"):
+        build_dataset("imagefolder", "train", root=folder, shots=2, val_per_class=1)
+
+
+def test_unreadable_images_are_clear_errors(folder):
+    bad = folder / "train" / "cat" / "c9.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage, not a jpeg")
+    good = folder / "train" / "dog" / "d0.png"
+    good.write_bytes(good.read_bytes()[:50])  # truncated inside the pixel data
+    with pytest.warns(UserWarning):
+        ds = build_dataset("imagefolder", "train", root=folder)
+    names = [p.name for p in ds.paths]
+    with pytest.raises(ValueError, match=r"cannot read image .*c9\.jpg.*truncated, corrupt or not an image"):
+        ds[names.index("c9.jpg")]
+    with pytest.raises(ValueError, match=r"cannot read image .*d0\.png"):
+        ds[names.index("d0.png")]
+
+
+def test_missing_root_and_split(tmp_path):
+    with pytest.raises(ValueError, match="pass root="):
+        build_dataset("imagefolder", "train")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="split folder .*val not found"):
+        build_dataset("imagefolder", "val", root=tmp_path)
+
+
+def test_waterbirds_metadata_layout(tmp_path):
+    rows = ["img_id,img_filename,y,split,place,place_filename"]
+    spec = [(0, 0, 0), (0, 0, 0), (1, 0, 1), (0, 2, 0), (0, 2, 1), (1, 2, 0), (1, 2, 1), (1, 1, 1)]
+    for i, (y, sp, place) in enumerate(spec):
+        fn = f"{i:03d}.Bird/img_{i}.jpg"
+        _png(tmp_path / fn, (i * 20, 0, 0))
+        rows.append(f"{i},{fn},{y},{sp},{place},x/y.jpg")
+    (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
+    tr = build_dataset("waterbirds", "train", root=tmp_path, image_size=8)
+    te = build_dataset("waterbirds", "test", root=tmp_path, image_size=8)
+    assert len(tr) == 3 and len(te) == 4
+    assert tr.groups[tr._rows].tolist() == [0, 0, 3] and te.groups[te._rows].tolist() == [0, 1, 2, 3]
+    s = te[2]
+    assert int(s["group"]) == 2 and int(s["label"]) == 1 and s["image"].shape == (3, 8, 8)
+    assert te.group_names[3] == "waterbird_on_water"
+    (tmp_path / "metadata.csv").write_text("img_id,img_filename,y,split,place\n0,a.jpg,2,0,0\n")
+    with pytest.raises(ValueError, match="line 2: y, place must be 0/1"):
+        build_dataset("waterbirds", "train", root=tmp_path)
+
+
+def _voc_xml(objs, w=20, h=10):
+    o = "".join(
+        f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+        f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for n, b, d in objs
+    )
+    return f"<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{o}</annotation>"
+
+
+def test_voc_multilabel_with_boxes_rasterised(tmp_path):
+    base = tmp_path / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (base / d).mkdir(parents=True)
+    Image.new("RGB", (20, 10), (50, 60, 70)).save(base / "JPEGImages" / "a.jpg")
+    Image.new("RGB", (20, 10), (5, 6, 7)).save(base / "JPEGImages" / "b.jpg")
+    (base / "Annotations" / "a.xml").write_text(_voc_xml([("dog", (3, 2, 10, 6), 0), ("person", (1, 1, 20, 10), 1)]))
+    (base / "Annotations" / "b.xml").write_text(_voc_xml([("cat", (11, 5, 12, 7), 0)]))
+    (base / "ImageSets" / "Main" / "train.txt").write_text("a\nb\n")
+    ds = build_dataset("voc", "train", root=tmp_path, image_size=(10, 20))
+    assert ds.multilabel and ds.num_classes == 20 and len(ds) == 2
+    s = ds[0]
+    dog, person, cat = ds.class_names.index("dog"), ds.class_names.index("person"), ds.class_names.index("cat")
+    assert s["label"].nonzero().flatten().tolist() == sorted([dog, person])
+    assert s["mask"].shape == (20, 10, 20)
+    want = torch.zeros(10, 20)
+    want[1:6, 2:10] = 1  # VOC corners are 1-based inclusive: x 3..10 -> [2, 10), y 2..6 -> [1, 6)
+    assert torch.equal(s["mask"][dog], want)
+    assert s["mask"][person].sum() == 200 and s["mask"][cat].sum() == 0
+    assert ds[1]["mask"][cat].sum() == 2 * 3  # x 11..12 -> [10, 12), y 5..7 -> [4, 7)
+    easy = build_dataset("voc", "train", root=tmp_path, image_size=(10, 20), skip_difficult=True)
+    assert easy[0]["label"][person] == 0
+    (base / "Annotations" / "b.xml").write_text("<annotation><object>")
+    with pytest.raises(ValueError, match="corrupt annotation XML"):
+        build_dataset("voc", "train", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="ImageSets/Main/val.txt"):
+        build_dataset("voc", "val", root=tmp_path)
+
+
+def test_sun397_layout(tmp_path):
+    (tmp_path / "ClassName.txt").write_text("/a/abbey\n/b/beach\n/b/bus_interior\n")
+    for cls, n in (("a/abbey", 2), ("b/beach", 3), ("b/bus_interior", 1)):
+        for k in range(n):
+            _png(tmp_path / cls / f"sun_{k}.jpg", (k, 0, 0), size=(6, 6))
+    (tmp_path / "b" / "beach" / "Thumbs.db").write_bytes(b"x")
+    with pytest.warns(UserWarning, match=r"skipped 1 non-image"):
+        ds = build_dataset("sun397", "all", root=tmp_path, image_size=4)
+    assert len(ds) == 6 and ds.class_names == ["abbey", "beach", "bus_interior"]
+    assert torch.bincount(ds.targets()).tolist() == [2, 3, 1]
+    assert ds[0]["image"].shape == (3, 4, 4)
+    (tmp_path / "Partitions").mkdir()
+    (tmp_path / "Partitions" / "Training_01.txt").write_text("/a/abbey/sun_0.jpg\n/b/beach/sun_2.jpg\n")
+    tr = build_dataset("sun397", "train", root=tmp_path, image_size=4)
+    assert tr.targets().tolist() == [0, 1]
+    with pytest.raises(FileNotFoundError, match="Testing_01.txt"):
+        build_dataset("sun397", "test", root=tmp_path)
