@@ -232,3 +232,15 @@ def test_grid_pointing_game_scores_every_cell():
     swapped[:, [0, 1]] = swapped[:, [1, 0]]
     scores = grid_pointing_game(model, ChannelMap(), grids.images, swapped)
     assert scores[:, :2].eq(0).all() and scores[:, 2:].eq(1).all()
+
+
+def test_epg_of_a_mask_and_its_complement_add_up_to_one():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(16, 8, 8, generator=g)
+    m = (torch.rand(16, 8, 8, generator=g) > 0.7).float()
+    inside, outside = energy_pointing_game(a, m), energy_pointing_game(a, 1 - m)
+    assert torch.allclose(inside + outside, torch.ones(16), atol=1e-6)
+    assert bool(((inside >= 0) & (inside <= 1)).all())
+    # Scaling a map by a positive factor changes neither EPG nor IoU.
+    assert torch.allclose(energy_pointing_game(7.5 * a, m), inside, atol=1e-6)
+    assert torch.equal(iou(7.5 * a, m), iou(a, m))

@@ -37,11 +37,13 @@ def as_attribution_maps(maps: torch.Tensor, who: str, what: str = "attributions"
         raise ValueError(f"{who}: {what} must be a tensor, got {type(maps).__name__}")
     if maps.dim() == 4:
         if maps.shape[1] != 1:
-            raise ValueError(
-                f"{who}: {what} must have one channel, got shape {tuple(maps.shape)}; use an explainer that "
-                "gives one map per image (GradCAM, BcosExplainer(output='contributions'), or "
-                "InputXGradient(reduce_channels='sum'))"
+            fix = (
+                "pick the mask of the scored class first (see present_class_pairs)"
+                if what == "masks"
+                else "use an explainer that gives one map per image (GradCAM, "
+                "BcosExplainer(output='contributions'), or InputXGradient(reduce_channels='sum'))"
             )
+            raise ValueError(f"{who}: {what} must have one channel, got shape {tuple(maps.shape)}; {fix}")
         maps = maps[:, 0]
     if maps.dim() != 3:
         raise ValueError(f"{who}: {what} must have shape (N, H, W) or (N, 1, H, W), got {tuple(maps.shape)}")
