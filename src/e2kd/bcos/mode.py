@@ -144,40 +144,43 @@ def scale_by_factor(x: torch.Tensor, s: torch.Tensor, *, detach: bool = False) -
 
 
 class _BcosScale(torch.autograd.Function):
-    """``y = out · (|out| / n)^(B-1)``; see :func:`bcos_scale`."""
+    """``y = out · (|out| / n)^(B-1)``; see :func:`bcos_scale`. Saves ``out`` and ``1/n``."""
 
     @staticmethod
-    def forward(ctx, out, norm, b):
+    def forward(ctx, out, inv_norm, b):
         ctx.b = b
-        ctx.save_for_backward(out, norm)
-        return _bcos_value(out, norm, b)
+        ctx.save_for_backward(out, inv_norm)
+        return _bcos_value(out, inv_norm, b)
 
     @staticmethod
     def backward(ctx, gy):
-        out, norm = ctx.saved_tensors
+        out, inv = ctx.saved_tensors
         b = ctx.b
         if factors_are_constant():
-            o, n = out.detach(), norm.detach()
-            return gy * _bcos_factor(o, n, b), None, None
-        factor = _bcos_factor(out, norm, b)
+            return gy * _bcos_factor(out.detach(), inv.detach(), b), None, None
+        if b == 2:
+            # y = out|out|·r  =>  ∂y/∂out = 2|out|·r,  ∂y/∂r = out|out|
+            t = gy * out.abs()
+            gout = t * (2 * inv) if ctx.needs_input_grad[0] else None
+            ginv = (t * out).sum_to_size(inv.shape) if ctx.needs_input_grad[1] else None
+            return gout, ginv, None
+        factor = _bcos_factor(out, inv, b)
         gout = gy * factor * b if ctx.needs_input_grad[0] else None
-        gnorm = None
-        if ctx.needs_input_grad[1]:
-            # y = sign(out)|out|^B / n^(B-1)  =>  ∂y/∂n = -(B-1) y / n
-            gnorm = (gy * out * factor).mul(-(b - 1)).div(norm).sum_to_size(norm.shape)
-        return gout, gnorm, None
+        # y = sign(out)|out|^B · r^(B-1)  =>  ∂y/∂r = (B-1) y / r
+        ginv = (gy * out * factor).mul(b - 1).div(inv).sum_to_size(inv.shape) if ctx.needs_input_grad[1] else None
+        return gout, ginv, None
 
 
-def _bcos_factor(out: torch.Tensor, norm: torch.Tensor, b: float) -> torch.Tensor:
+def _bcos_factor(out: torch.Tensor, inv_norm: torch.Tensor, b: float) -> torch.Tensor:
     if b == 2:
-        return out.abs() / norm
-    return (out.abs() / norm).pow(b - 1)
+        return out.abs() * inv_norm
+    return (out.abs() * inv_norm).pow(b - 1)
 
 
-def _bcos_value(out: torch.Tensor, norm: torch.Tensor, b: float) -> torch.Tensor:
+def _bcos_value(out: torch.Tensor, inv_norm: torch.Tensor, b: float) -> torch.Tensor:
     if b == 2:
-        return out * out.abs() / norm
-    return out * (out.abs() / norm).pow(b - 1)
+        return out * out.abs() * inv_norm
+    return out * _bcos_factor(out, inv_norm, b)
 
 
 def bcos_scale(out: torch.Tensor, norm: torch.Tensor, b: float, *, detach: bool = False) -> torch.Tensor:
@@ -206,11 +209,12 @@ def bcos_scale(out: torch.Tensor, norm: torch.Tensor, b: float, *, detach: bool 
         return out
     if detach:
         with torch.no_grad():
-            factor = _bcos_factor(out, norm, b)
+            factor = _bcos_factor(out, norm.reciprocal(), b)
         return out * factor
-    if not (out.requires_grad or norm.requires_grad) or not torch.is_grad_enabled():
-        return _bcos_value(out, norm, b)
-    return _BcosScale.apply(out, norm, b)
+    inv = norm.reciprocal()
+    if not (out.requires_grad or inv.requires_grad) or not torch.is_grad_enabled():
+        return _bcos_value(out, inv, b)
+    return _BcosScale.apply(out, inv, b)
 
 
 class _Attend(torch.autograd.Function):
