@@ -118,3 +118,25 @@ def test_bad_inputs_give_clear_errors():
         e2kd.BcosExplainer(output="map")
     with pytest.raises(ValueError, match="divisible by the patch size"):
         create_model("bcos_vit_tiny_small", num_classes=3, depth=1)(torch.rand(1, 3, 30, 30))
+
+
+def test_dynamic_factor_functions_have_the_exact_derivative_and_second_derivative():
+    from e2kd.bcos.mode import attend, bcos_scale, scale_affine, scale_by_factor
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, positive=False):
+        t = torch.rand(*shape, generator=g, dtype=torch.float64)
+        return (t + 0.5 if positive else t - 0.5).requires_grad_()
+
+    cases = [
+        (lambda o, n: bcos_scale(o, n, 2.0), (r(2, 3, 4), r(2, 1, 4, positive=True))),
+        (lambda o, n: bcos_scale(o, n, 2.5), (r(2, 3, 4), r(2, 1, 4, positive=True))),
+        (scale_by_factor, (r(2, 3, 4), r(1, 3, 1, positive=True))),
+        (scale_affine, (r(2, 3, 4), r(1, 3, 1, positive=True), r(1, 3, 1))),  # batch-norm layout
+        (scale_affine, (r(2, 3, 4), r(2, 3, 1, positive=True), r(4))),  # layer-norm layout
+        (attend, (r(1, 2, 3, 3), r(1, 2, 3, 2))),
+    ]
+    for fn, inputs in cases:
+        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradgradcheck(fn, inputs)

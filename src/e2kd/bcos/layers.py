@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mode import DynamicLinearModule, attend, bcos_scale, scale_by_factor
+from .mode import DynamicLinearModule, attend, bcos_scale, scale_affine
 
 __all__ = [
     "InputEncoding",
@@ -264,8 +264,7 @@ class BatchNormUncentred2d(nn.BatchNorm2d, DynamicLinearModule):
         with torch.no_grad():
             self.running_var.mul_(1 - momentum).add_(var.detach(), alpha=momentum)
         inv = torch.rsqrt(var + self.eps)[None, :, None, None]
-        y = scale_by_factor(x, inv, detach=self.explanation_mode)
-        return y * self.weight[None, :, None, None]
+        return scale_affine(x, inv, self.weight[None, :, None, None], detach=self.explanation_mode)
 
 
 class BcosLayerNorm(nn.LayerNorm, DynamicLinearModule):
@@ -292,7 +291,7 @@ class BcosLayerNorm(nn.LayerNorm, DynamicLinearModule):
                 inv = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps)
         else:
             inv = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps)
-        return scale_by_factor(x, inv, detach=self.explanation_mode) * self.weight
+        return scale_affine(x, inv, self.weight, detach=self.explanation_mode)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", centred={self.centred}, bias=False"

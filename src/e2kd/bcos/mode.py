@@ -40,6 +40,7 @@ __all__ = [
     "constant_factors_backward",
     "factors_are_constant",
     "scale_by_factor",
+    "scale_affine",
     "bcos_scale",
     "attend",
 ]
@@ -215,6 +216,53 @@ def bcos_scale(out: torch.Tensor, norm: torch.Tensor, b: float, *, detach: bool 
     if not (out.requires_grad or inv.requires_grad) or not torch.is_grad_enabled():
         return _bcos_value(out, inv, b)
     return _BcosScale.apply(out, inv, b)
+
+
+class _ScaleAffine(torch.autograd.Function):
+    """``y = x · s · γ`` with ``s`` a per-channel dynamic factor and ``γ`` a parameter."""
+
+    @staticmethod
+    def forward(ctx, x, s, gamma):
+        ctx.save_for_backward(x, s, gamma)
+        return x * (s * gamma)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, s, gamma = ctx.saved_tensors
+        if factors_are_constant():
+            # Only the input gradient is asked for here; γ stays differentiable.
+            return gy * (s.detach() * gamma), None, None
+        gx = gy * (s * gamma) if ctx.needs_input_grad[0] else None
+        gs = ggamma = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gyx = gy * x
+            if s.shape == gamma.shape:  # per-channel factor and weight (batch norm): one reduction
+                r = gyx.sum_to_size(s.shape)
+                gs, ggamma = r * gamma, r * s
+            else:
+                gs = (gyx * gamma).sum_to_size(s.shape) if ctx.needs_input_grad[1] else None
+                ggamma = (gyx * s).sum_to_size(gamma.shape) if ctx.needs_input_grad[2] else None
+            gs = gs if ctx.needs_input_grad[1] else None
+            ggamma = ggamma if ctx.needs_input_grad[2] else None
+        return gx, gs, ggamma
+
+
+def scale_affine(x: torch.Tensor, s: torch.Tensor, gamma: torch.Tensor, *, detach: bool = False) -> torch.Tensor:
+    """``x · s · γ``: a normalisation with dynamic factor ``s`` and affine weight ``γ`` (one pass).
+
+    Parameters
+    ----------
+    x : Tensor, shape (N, C, ...) or (..., C)
+    s : Tensor, broadcastable to ``x`` (the dynamic factor, e.g. ``1/σ``)
+    gamma : Tensor, broadcastable to ``x`` (a parameter, never treated as constant)
+    detach : bool
+        Forward-time explanation mode: ``s`` is detached.
+    """
+    if detach:
+        return x * (s.detach() * gamma)
+    if not torch.is_grad_enabled() or not (x.requires_grad or s.requires_grad or gamma.requires_grad):
+        return x * (s * gamma)
+    return _ScaleAffine.apply(x, s, gamma)
 
 
 class _Attend(torch.autograd.Function):
