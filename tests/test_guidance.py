@@ -217,3 +217,25 @@ def test_energy_guidance_moves_the_explanation_onto_the_object():
     # Each object covers 1/16 of the image; the guided model puts most of its energy there.
     assert epg_guided > 0.55
     assert epg_guided > epg_plain + 0.15
+
+
+def test_guidance_on_bcos_contributions_reaches_every_parameter():
+    from e2kd.bcos import BcosExplainer
+    from e2kd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("bcos_resnet8_small", num_classes=2, width=8)
+    x = torch.rand(4, 3, 16, 16)
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    masks = torch.zeros(4, 2, 16, 16)
+    masks[:, 0, 2:8, 2:8] = 1
+    masks[:, 1, 8:14, 6:12] = 1
+    crit = GuidanceLoss(kind="energy", explainer=BcosExplainer(output="contributions"), weight=1.0)
+    out = crit(model, x, y, masks)
+    # The explained forward pass is the one whose logits carry the classification loss.
+    ref = BcosExplainer(output="contributions")(model, x, out["logits"].argmax(1))
+    assert torch.allclose(out["logits"], ref.logits, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out["guidance_loss"], params, allow_unused=True)
+    missing = [n for (n, p), g in zip(model.named_parameters(), grads) if g is None or not torch.isfinite(g).all() or g.abs().sum() == 0]
+    assert not missing, f"no guidance gradient for {missing}"

@@ -114,7 +114,7 @@ class GuidanceLoss(nn.Module):
     there. It happens with GradCAM on softmax classifiers, where a class can win by the other
     classes' negative evidence alone, so its own map need not stay positive. Maps whose sum is
     tied to a logit that the classification loss keeps positive do not die: B-cos
-    contributions (they sum to the logit), or GradCAM at the layer before global average
+    contributions (they sum to the logit minus the fixed logit bias), or GradCAM at the layer before global average
     pooling and a bias-free linear head (the map's mean is then the logit over ``hw``)
     trained with binary cross-entropy (multi-label), which pushes present classes' logits
     above zero. Otherwise fine-tune a trained classifier (as Rao et al. do) with a small
