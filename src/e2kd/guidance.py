@@ -205,9 +205,9 @@ class GuidanceLoss(nn.Module):
         out = self.explainer(model, x, target, create_graph=True)
         logits = out.logits
         if labels.is_floating_point():
-            cls_loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            cls_loss = F.binary_cross_entropy_with_logits(logits, labels.to(device=logits.device, dtype=logits.dtype))
         else:
-            cls_loss = F.cross_entropy(logits, labels.reshape(-1).long())
+            cls_loss = F.cross_entropy(logits, labels.reshape(-1).long().to(logits.device))
         maps = as_attribution_maps(out.maps, "GuidanceLoss", "explanation maps")
         if maps.shape[-2:] != target_masks.shape[-2:]:
             raise ValueError(

@@ -191,7 +191,7 @@ def present_class_pairs(labels: torch.Tensor, masks: torch.Tensor) -> Tuple[torc
                 f"(B, C, H, W) with the same (B, C); got masks {tuple(masks.shape)}"
             )
         image_index, class_index = (labels.detach() > 0.5).nonzero(as_tuple=True)
-        return image_index, class_index, masks[image_index, class_index]
+        return image_index, class_index, masks[image_index.to(masks.device), class_index.to(masks.device)]
     labels = labels.reshape(-1)
     m = as_attribution_maps(masks, "present_class_pairs", "masks")
     if m.shape[0] != labels.numel():
