@@ -85,6 +85,7 @@ def _print_results(run_dir: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="e2kd",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=24, width=110),
         description="Explanation-enhanced knowledge distillation (Parchami-Araghi et al., ECCV 2024).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

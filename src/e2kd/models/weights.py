@@ -3,7 +3,7 @@
 ``load_weights(model, path)`` reads safetensors files directly and every other file with
 ``torch.load(weights_only=True)``; it unwraps the usual containers (``state_dict``, ``model``,
 ``module.`` prefixes), maps known key layouts (torchvision's old DenseNet keys, B-cos v2
-releases when ``e2kd.bcos`` provides the mapping) and checks the result against the model
+releases through ``e2kd.bcos.weights``) and checks the result against the model
 before anything is loaded: a file for another architecture or another number of classes is a
 clear error.
 """
@@ -79,15 +79,12 @@ def _map_torchvision(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _map_bcos(sd: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+def _load_bcos(model: nn.Module, sd: Dict[str, torch.Tensor]) -> nn.Module:
     try:
-        import e2kd.bcos as bcos
+        from e2kd.bcos.weights import load_bcos_v2_weights
     except ImportError:
         raise ValueError("source='bcos' needs the B-cos models (e2kd.bcos), which are not installed") from None
-    convert = getattr(bcos, "convert_released_state_dict", None)
-    if convert is None:
-        raise ValueError("this version of e2kd.bcos has no convert_released_state_dict(); cannot read B-cos v2 release files")
-    return convert(sd, model)
+    return load_bcos_v2_weights(model, sd)
 
 
 def check_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], *, what: str = "checkpoint") -> None:
@@ -133,15 +130,15 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, source: str = "au
         ``weights_only=True``), or a run folder with ``model.safetensors``.
     source : {"auto", "e2kd", "torchvision", "timm", "bcos"}
         Key layout of the file. ``auto`` strips wrapper prefixes and maps old torchvision
-        DenseNet keys; ``bcos`` maps B-cos v2 release keys through ``e2kd.bcos``.
+        DenseNet keys; ``bcos`` loads B-cos v2 release files through ``e2kd.bcos.weights``.
     """
     if source not in _SOURCES:
         raise ValueError(f"unknown weights source {source!r}; choose one of {', '.join(_SOURCES)}")
     what = what or f"weights file {str(path)!r}"
     sd = _strip_prefixes(read_state_dict(path))
     if source == "bcos":
-        sd = _map_bcos(sd, model)
-    elif source in ("auto", "torchvision", "timm"):
+        return _load_bcos(model, sd)
+    if source in ("auto", "torchvision", "timm"):
         sd = _map_torchvision(sd)
     # BatchNorm's step counter is optional in many released files.
     for k, v in model.state_dict().items():

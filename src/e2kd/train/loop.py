@@ -53,6 +53,7 @@ class RunContext:
     info: DistInfo
     run_dir: Path
     model: nn.Module  # the raw (unwrapped) trained model
+    teacher: Optional[nn.Module] = None
     step: int = 0
     total_steps: int = 0
     last: Dict[str, float] = field(default_factory=dict)  # this step's loss terms (this rank)
@@ -311,7 +312,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     if cfg.tensorboard and info.is_main:
         writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    ctx = RunContext(cfg=cfg, info=info, run_dir=run_dir, model=model, step=step, total_steps=total)
+    ctx = RunContext(cfg=cfg, info=info, run_dir=run_dir, model=model, teacher=teacher, step=step, total_steps=total)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = stream.batches()
 
@@ -503,7 +504,7 @@ def _batch_accuracy(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> 
 
 
 def _check_finite(out: Dict[str, torch.Tensor], step: int, info: DistInfo, last_ckpt: Optional[Path]) -> None:
-    bad = {k: float(v) for k, v in out.items() if k != "agreement" and not torch.isfinite(v).all()}
+    bad = {k: float(v.detach()) for k, v in out.items() if k != "agreement" and not torch.isfinite(v.detach()).all()}
     if broadcast_flag(bool(bad), info) and not bad:
         raise NonFiniteLossError(f"step {step}: another process met a non-finite loss; the run stopped (see its message)")
     if bad:
