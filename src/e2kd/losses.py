@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd_loss", "multilabel_kd_loss", "explanation_loss"]
+__all__ = ["kd_loss", "multilabel_kd_loss", "explanation_loss", "explanation_cosine"]
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, name: str) -> None:
@@ -100,15 +100,54 @@ def multilabel_kd_loss(
     return kl.sum(dim=1).mean() * (t * t)
 
 
+def explanation_cosine(student_maps: torch.Tensor, teacher_maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    r"""Per-sample cosine similarity of two explanations, the term inside :func:`explanation_loss`.
+
+    .. math::
+        \cos_b = \frac{\langle e^S_b, e^T_b\rangle}{\max(\|e^S_b\|\,\|e^T_b\|,\ \epsilon)}
+
+    where :math:`e_b` is the flattened explanation of sample ``b``. An all-zero map gives 0.
+    The mean explanation similarity reported for students is the batch mean of this value,
+    i.e. ``1 - explanation_loss``.
+
+    Parameters
+    ----------
+    student_maps : Tensor, shape (B, ...)
+    teacher_maps : Tensor, shape (B, ...)
+        Same shape as ``student_maps``; treated as constants (detached).
+    eps : float
+        Floor of the product of norms.
+
+    Returns
+    -------
+    Tensor, shape (B,)
+    """
+    if not (torch.is_tensor(student_maps) and torch.is_tensor(teacher_maps)):
+        raise ValueError("explanation_loss: maps must be tensors")
+    if student_maps.shape != teacher_maps.shape:
+        raise ValueError(
+            f"explanation_loss: student maps {tuple(student_maps.shape)} and teacher maps "
+            f"{tuple(teacher_maps.shape)} differ in shape; resize them to a common size first "
+            "(e2kd.Distiller does this for you)"
+        )
+    if student_maps.dim() < 2 or student_maps.shape[0] == 0:
+        raise ValueError(f"explanation_loss: expected maps of shape (B, ...) with B > 0, got {tuple(student_maps.shape)}")
+    s = student_maps.flatten(1).float()
+    t = teacher_maps.detach().flatten(1).float()
+    dot = (s * t).sum(dim=1)
+    norms = s.square().sum(dim=1) * t.square().sum(dim=1)
+    return dot / norms.clamp_min(eps * eps).sqrt()
+
+
 def explanation_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     r"""Explanation-similarity loss of e²KD (Parchami-Araghi et al., ECCV 2024, Eq. 2).
 
     .. math::
-        L_{exp} = \frac{1}{B}\sum_{b=1}^{B}
-          \Big(1 - \frac{\langle e^S_b, e^T_b\rangle}{\max(\|e^S_b\|\,\|e^T_b\|,\ \epsilon)}\Big)
+        L_{exp} = \frac{1}{B}\sum_{b=1}^{B} \big(1 - \cos_b\big)
 
-    where :math:`e_b` is the flattened explanation of sample ``b`` (any shape after the batch
-    dimension, e.g. ``(1, H, W)`` for GradCAM or ``(6, H, W)`` for B-cos dynamic weights).
+    with :math:`\cos_b` the cosine between the flattened student and teacher explanations of
+    sample ``b`` (:func:`explanation_cosine`; any shape after the batch dimension, e.g.
+    ``(1, H, W)`` for GradCAM or ``(6, H, W)`` for B-cos dynamic weights).
 
     An all-zero map (dead ReLUs, saturated teacher) has cosine 0 with anything, so that sample
     contributes exactly 1 to the loss; values and gradients stay finite, never NaN.
@@ -125,19 +164,4 @@ def explanation_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor, eps
     -------
     Tensor, shape ()
     """
-    if not (torch.is_tensor(student_maps) and torch.is_tensor(teacher_maps)):
-        raise ValueError("explanation_loss: maps must be tensors")
-    if student_maps.shape != teacher_maps.shape:
-        raise ValueError(
-            f"explanation_loss: student maps {tuple(student_maps.shape)} and teacher maps "
-            f"{tuple(teacher_maps.shape)} differ in shape; resize them to a common size first "
-            "(e2kd.Distiller does this for you)"
-        )
-    if student_maps.dim() < 2 or student_maps.shape[0] == 0:
-        raise ValueError(f"explanation_loss: expected maps of shape (B, ...) with B > 0, got {tuple(student_maps.shape)}")
-    s = student_maps.flatten(1).float()
-    t = teacher_maps.detach().flatten(1).float()
-    dot = (s * t).sum(dim=1)
-    norms = s.square().sum(dim=1) * t.square().sum(dim=1)
-    cos = dot / norms.clamp_min(eps * eps).sqrt()
-    return (1.0 - cos).mean()
+    return (1.0 - explanation_cosine(student_maps, teacher_maps, eps)).mean()

@@ -60,6 +60,9 @@ class InMemoryImageDataset(torch.utils.data.Dataset):
     transform : callable(sample dict) -> sample dict, optional (a :class:`JointTransform`)
     image_size : int or (H, W), optional: resize everything once, at construction
     name : str, for messages and logs
+    extras : dict of name -> tensor (N, ...), optional: more per-sample fields returned in
+        every sample (e.g. ``identity``, the source object of a generated image, or padded
+        ``boxes`` with ``box_labels``)
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class InMemoryImageDataset(torch.utils.data.Dataset):
         transform: Optional[Callable[[dict], dict]] = None,
         image_size: int | tuple[int, int] | None = None,
         name: str = "dataset",
+        extras: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -103,6 +107,13 @@ class InMemoryImageDataset(torch.utils.data.Dataset):
             images = resize_uint8(images, image_size, mode="bilinear")
             if masks is not None:
                 masks = resize_uint8(masks, image_size, mode="nearest")
+        extras = dict(extras or {})
+        for k, v in extras.items():
+            if v.shape[0] != n:
+                raise ValueError(f"extra field {k!r} has {v.shape[0]} rows for {n} images")
+            if k in ("image", "label", "index", "mask", "group"):
+                raise ValueError(f"extra field name {k!r} is reserved")
+        self.extras = extras
         self.images = images
         self.labels = labels
         self.masks = masks
@@ -149,6 +160,8 @@ class InMemoryImageDataset(torch.utils.data.Dataset):
             sample["mask"] = self.masks[i].float()
         if self.groups is not None:
             sample["group"] = self.groups[i].clone()
+        for k, v in self.extras.items():
+            sample[k] = v[i].clone()
         if self.transform is not None:
             sample = self.transform(sample)
         return sample
@@ -178,6 +191,8 @@ class InMemoryImageDataset(torch.utils.data.Dataset):
             out["mask"] = self.masks[idx].float()
         if self.groups is not None:
             out["group"] = self.groups[idx].clone()
+        for k, v in self.extras.items():
+            out[k] = v[idx].clone()
         if transform is not None:
             out = transform(out, generator=generator)
         return out
@@ -196,7 +211,11 @@ class InMemoryImageDataset(torch.utils.data.Dataset):
             multilabel=self.multilabel,
             transform=self.transform,
             name=name or self.name,
+            extras={k: v[idx] for k, v in self.extras.items()},
         )
+        for attr in ("identity_names",):
+            if hasattr(self, attr):
+                setattr(sub, attr, getattr(self, attr))
         parent = self.source_indices
         sub.source_indices = idx.clone() if parent is None else parent[idx]
         return sub
@@ -204,7 +223,7 @@ class InMemoryImageDataset(torch.utils.data.Dataset):
     def content_hash(self) -> str:
         """SHA-256 (first 16 hex digits) of images, labels, masks and groups."""
         h = hashlib.sha256()
-        for t in (self.images, self.labels, self.masks, self.groups):
+        for t in (self.images, self.labels, self.masks, self.groups, *self.extras.values()):
             if t is not None:
                 h.update(str(tuple(t.shape)).encode())
                 h.update(t.contiguous().numpy().tobytes())
