@@ -82,16 +82,22 @@ def _print_results(run_dir: Path) -> None:
         print(f"{run_dir}: {shown}")
 
 
+def _summary(fn) -> str:
+    return (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    width = max(len(n) for n in _COMMANDS) + 2
+    listing = "\n".join(f"  {name:<{width}}{_summary(fn)}" for name, (fn, _) in _COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="e2kd",
-        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=24, width=110),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Explanation-enhanced knowledge distillation (Parchami-Araghi et al., ECCV 2024).",
+        epilog=f"commands:\n{listing}\n\nRun 'e2kd COMMAND --help' for a command's arguments.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (fn, arguments) in _COMMANDS.items():
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        p = sub.add_parser(name, help=summary, description=summary)
+        p = sub.add_parser(name, description=_summary(fn))
         if arguments is not None:
             arguments(p)
     return parser
