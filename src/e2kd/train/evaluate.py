@@ -7,8 +7,8 @@ processes report what one process reports. Metrics (fractions in [0, 1]):
   for multi-label data ``accuracy`` is the share of images whose top-1 class is present and
   ``f1`` the micro-F1 of ``logit > 0``.
 * ``agreement``: the student's top-1 equals the teacher's top-1 (``teacher_accuracy`` too).
-* ``explanation_similarity``: mean over images of cos(E(S, x, ŷ_T), E(T, x, ŷ_T)), i.e.
-  ``1 − explanation_loss`` per image (:func:`e2kd.explanation_loss`).
+* ``explanation_similarity``: mean over images of cos(E(S, x, ŷ_T), E(T, x, ŷ_T))
+  (:func:`e2kd.losses.explanation_cosine`).
 * per group (``group/<name>/accuracy`` etc.) and ``worst_group_accuracy`` when the dataset has
   groups.
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from ..distiller import match_maps
 from ..explain.base import Explainer
-from ..losses import explanation_loss
+from ..losses import explanation_cosine
 from .distributed import DistInfo, all_reduce_sum
 
 __all__ = ["evaluate"]
@@ -86,9 +86,7 @@ def evaluate(
                     t_maps = te.maps.float()
                     s_maps = match_maps(se.maps.float(), t_maps)
                     b = x.shape[0]
-                    # Per-image cosine, summed: B · (1 − mean explanation_loss).
-                    cos = torch.stack([1.0 - explanation_loss(s_maps[i : i + 1], t_maps[i : i + 1]) for i in range(b)])
-                    add("_sim_sum", cos.sum().item())
+                    add("_sim_sum", explanation_cosine(s_maps, t_maps).sum().item())
                     out.update(student_maps=s_maps, teacher_maps=t_maps)
                 else:
                     with torch.no_grad():
