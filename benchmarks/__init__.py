@@ -1,0 +1,1 @@
+"""Scripts that print measured figures (run with ``python -m benchmarks.<name>``)."""

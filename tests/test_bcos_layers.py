@@ -1,0 +1,142 @@
+"""B-cos layers compute the B-cos formula; bad inputs give clear errors."""
+
+import math
+
+import pytest
+import torch
+
+import e2kd
+from e2kd.bcos import (
+    BatchNormUncentred2d,
+    BcosConv2d,
+    BcosLayerNorm,
+    BcosLinear,
+    LogitBias,
+    encode_input,
+    explanation_mode,
+)
+from e2kd.models import create_model
+
+
+def test_bcos_linear_matches_formula_by_hand():
+    layer = BcosLinear(2, 1)
+    with torch.no_grad():
+        layer.linear.weight.copy_(torch.tensor([[3.0, 4.0]]))  # ŵ = (0.6, 0.8)
+    x = torch.tensor([[1.0, 2.0]])
+    # ŵᵀx = 2.2, ‖x‖ = √5, cos = 2.2/√5, y = |cos| · 2.2 = 4.84/√5
+    assert layer(x).item() == pytest.approx(4.84 / math.sqrt(5), rel=1e-6)
+    layer.b = 3.0  # y = cos² · 2.2 = 0.968 · 2.2
+    assert layer(x).item() == pytest.approx(0.968 * 2.2, rel=1e-5)
+    # negative alignment keeps the sign of ŵᵀx
+    layer.b = 2.0
+    assert layer(-x).item() == pytest.approx(-4.84 / math.sqrt(5), rel=1e-6)
+
+
+def test_bcos_conv_matches_formula_by_hand():
+    conv = BcosConv2d(1, 1, 2)
+    with torch.no_grad():
+        conv.linear.weight.copy_(torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]]))  # ŵ = (1,0,0,1)/√2
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    # ŵᵀx = 5/√2, ‖x‖ = √(30 + 1e-6), y = (5/√2)² / ‖x‖ = 12.5 / √30
+    assert conv(x).item() == pytest.approx(12.5 / math.sqrt(30 + 1e-6), rel=1e-6)
+
+
+def test_bcos_conv_patch_norms_with_padding_and_stride():
+    conv = BcosConv2d(2, 3, 3, stride=2, padding=1)
+    x = torch.rand(1, 2, 5, 5)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    expected = torch.empty(1, 1, 3, 3)
+    for i in range(3):
+        for j in range(3):
+            expected[0, 0, i, j] = padded[0, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].square().sum().add(1e-6).sqrt()
+    torch.testing.assert_close(conv.patch_norms(x), expected)
+
+
+def test_max_out_keeps_largest_linear_response():
+    layer = BcosLinear(2, 1, max_out=2)
+    with torch.no_grad():
+        layer.linear.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    x = torch.tensor([[1.0, 3.0]])
+    # responses 1 and 3; max 3; y = 3 · |3| / √10
+    assert layer(x).item() == pytest.approx(9 / math.sqrt(10), rel=1e-6)
+
+
+def test_uncentred_batchnorm_divides_by_std_without_centring():
+    bn = BatchNormUncentred2d(2)
+    assert "bias" not in dict(bn.named_parameters())
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([2.0, 0.5]))
+    x = torch.tensor([1.0, 3.0, 5.0, 7.0]).view(2, 1, 1, 2).repeat(1, 2, 1, 1)
+    # per channel values {1,3,5,7}: biased variance 5
+    y = bn.train()(x)
+    torch.testing.assert_close(y[:, 0], 2.0 * x[:, 0] / math.sqrt(5 + 1e-5))
+    torch.testing.assert_close(y[:, 1], 0.5 * x[:, 1] / math.sqrt(5 + 1e-5))
+    assert bn.running_var[0].item() == pytest.approx(0.9 + 0.1 * 5)
+
+
+def test_layer_norm_has_no_bias_and_centres():
+    ln = BcosLayerNorm(4)
+    assert [n for n, _ in ln.named_parameters()] == ["weight"]
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    c = x - 3.0
+    torch.testing.assert_close(ln(x), c / torch.sqrt(c.square().mean() + 1e-5))
+
+
+def test_encoding_and_logit_bias():
+    x = torch.tensor([0.0, 0.25, 1.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(encode_input(x).flatten(), torch.tensor([0.0, 0.25, 1.0, 1.0, 0.75, 0.0]))
+    assert LogitBias(1000).bias == pytest.approx(math.log(1 / 999))
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        LogitBias(1)
+
+
+def test_explanation_mode_is_exception_safe():
+    model = create_model("bcos_resnet8_small", num_classes=3, width=4)
+    with pytest.raises(RuntimeError):
+        with explanation_mode(model):
+            assert model.conv1.explanation_mode
+            raise RuntimeError("boom")
+    assert not any(getattr(m, "explanation_mode", False) for m in model.modules())
+    with pytest.raises(ValueError, match="no B-cos layers"):
+        with explanation_mode(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_bad_inputs_give_clear_errors():
+    model = create_model("bcos_resnet8_small", num_classes=3, width=4)
+    with pytest.raises(ValueError, match=r"expected 3 raw image channels, got 6.*already encoded"):
+        model(torch.rand(1, 6, 16, 16))
+    with pytest.raises(ValueError, match=r"expected 3 raw image channels, got 1"):
+        model(torch.rand(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model(torch.rand(1, 3, 16, 16) * 2)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model(torch.rand(1, 3, 16, 16) - 0.5)
+    with pytest.raises(ValueError, match="B-cos model"):
+        e2kd.BcosExplainer()(create_model("resnet8_small", num_classes=3), torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="weights' or 'contributions"):
+        e2kd.BcosExplainer(output="map")
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        create_model("bcos_vit_tiny_small", num_classes=3, depth=1)(torch.rand(1, 3, 30, 30))
+
+
+def test_dynamic_factor_functions_have_the_exact_derivative_and_second_derivative():
+    from e2kd.bcos.mode import attend, bcos_scale, scale_affine, scale_by_factor
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, positive=False):
+        t = torch.rand(*shape, generator=g, dtype=torch.float64)
+        return (t + 0.5 if positive else t - 0.5).requires_grad_()
+
+    cases = [
+        (lambda o, n: bcos_scale(o, n, 2.0), (r(2, 3, 4), r(2, 1, 4, positive=True))),
+        (lambda o, n: bcos_scale(o, n, 2.5), (r(2, 3, 4), r(2, 1, 4, positive=True))),
+        (scale_by_factor, (r(2, 3, 4), r(1, 3, 1, positive=True))),
+        (scale_affine, (r(2, 3, 4), r(1, 3, 1, positive=True), r(1, 3, 1))),  # batch-norm layout
+        (scale_affine, (r(2, 3, 4), r(2, 3, 1, positive=True), r(4))),  # layer-norm layout
+        (attend, (r(1, 2, 3, 3), r(1, 2, 3, 2))),
+    ]
+    for fn, inputs in cases:
+        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradgradcheck(fn, inputs)
