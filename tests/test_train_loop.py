@@ -142,3 +142,18 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, teacher_dir):
     assert all(torch.isfinite(t).all() for t in load_file(str(ckpts[0])).values() if t.is_floating_point())
     assert not (tmp_path / "nan" / "model.safetensors").exists()
     assert not (tmp_path / "nan" / "results.json").exists()
+
+
+def test_bcos_pair_end_to_end(tmp_path):
+    """B-cos teacher → B-cos student with B-cos explanations (dynamic linear weights)."""
+    teacher = run(config_from_dict(base_config(tmp_path, "bt", **{
+        "model.name": "bcos_resnet8_small", "model.kwargs": {"width": 4}, "optim.max_steps": 1, "optim.agc_clip": 0.01,
+        "data.image_size": 12, "data.eval_kwargs": {"num_samples": 8}})), mode="teacher")
+    student = run(config_from_dict(base_config(tmp_path, "bs", **{
+        "model.name": "bcos_resnet8_small", "model.kwargs": {"width": 4}, "teacher.checkpoint": str(teacher),
+        "distill.explainer": "bcos", "optim.max_steps": 2, "optim.agc_clip": 0.01,
+        "data.image_size": 12, "data.eval_kwargs": {"num_samples": 8}, "log_every": 1})), mode="distill")
+    res = json.loads((student / "results.json").read_text())
+    assert 0.0 <= res["agreement"] <= 1.0 and -1.0 <= res["explanation_similarity"] <= 1.0 + 1e-6
+    log = [r for r in read_metrics(student / "metrics.jsonl") if r["split"] == "train"]
+    assert log and all(r["exp_loss"] > 0 for r in log)
