@@ -72,7 +72,8 @@ class Distiller(nn.Module):
     multilabel : bool
         Use the per-class Bernoulli KD loss (sigmoid teachers).
 
-    Forward returns a dict: ``loss``, ``kd_loss``, ``exp_loss``, ``student_logits``,
+    Forward returns a dict: ``loss``, ``kd_loss``, ``exp_loss`` (undetached, so callers may
+    re-weight them; log them with ``.item()``), ``student_logits``,
     ``teacher_logits``, ``student_maps`` and ``teacher_maps`` (``None`` when not computed) and
     ``agreement`` (share of the batch whose student and teacher argmax agree).
     """
@@ -206,8 +207,8 @@ class Distiller(nn.Module):
         agreement = (student_logits.detach().argmax(dim=1) == target).float().mean()
         return {
             "loss": loss,
-            "kd_loss": kd.detach(),
-            "exp_loss": exp.detach(),
+            "kd_loss": kd,
+            "exp_loss": exp,
             "student_logits": student_logits,
             "teacher_logits": teacher_logits,
             "student_maps": student_maps,

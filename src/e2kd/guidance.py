@@ -108,6 +108,18 @@ class GuidanceLoss(nn.Module):
     resolution: ``GradCAM()`` (upsampled, the default) or
     ``BcosExplainer(output="contributions")``.
 
+    A failure mode to watch (``zero_maps`` in the output): a map with no positive attribution
+    has energy loss 1 but no gradient, and the energy loss rewards raising a uniform threshold
+    under the map, so a fast optimiser can push a class's whole map below zero and leave it
+    there. It happens with GradCAM on softmax classifiers, where a class can win by the other
+    classes' negative evidence alone, so its own map need not stay positive. Maps whose sum is
+    tied to a logit that the classification loss keeps positive do not die: B-cos
+    contributions (they sum to the logit), or GradCAM at the layer before global average
+    pooling and a bias-free linear head (the map's mean is then the logit over ``hw``)
+    trained with binary cross-entropy (multi-label), which pushes present classes' logits
+    above zero. Otherwise fine-tune a trained classifier (as Rao et al. do) with a small
+    learning rate and watch ``zero_maps``.
+
     Parameters
     ----------
     kind : {"energy", "l1"}
@@ -184,7 +196,8 @@ class GuidanceLoss(nn.Module):
 
         Returns
         -------
-        dict with ``loss``, ``cls_loss``, ``guidance_loss`` (scalars) and ``logits`` (B, K)
+        dict with ``loss``, ``cls_loss``, ``guidance_loss`` (scalars), ``logits`` (B, K) and
+        ``zero_maps`` (share of guided maps without positive attribution; detached)
         """
         if not torch.is_tensor(labels) or not torch.is_tensor(masks):
             raise ValueError("GuidanceLoss: labels and masks must be tensors")
@@ -207,11 +220,15 @@ class GuidanceLoss(nn.Module):
             guidance = per_image[guided].mean()
         else:
             guidance = (per_image * 0.0).sum()
+        with torch.no_grad():
+            dead = (maps.detach().flatten(1).amax(dim=1) <= 0) & guided
+            zero_maps = dead.sum().float() / guided.sum().clamp_min(1)
         return {
             "loss": cls_loss + self.weight * guidance,
             "cls_loss": cls_loss,
             "guidance_loss": guidance,
             "logits": logits,
+            "zero_maps": zero_maps,
         }
 
     def extra_repr(self) -> str:

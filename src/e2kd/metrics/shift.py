@@ -76,6 +76,12 @@ class ShiftEquivariance:
         }
 
 
+def _unit_max(m: torch.Tensor) -> torch.Tensor:
+    """Each sample's map divided by its largest absolute value (all-zero maps stay zero)."""
+    peak = m.flatten(1).abs().amax(dim=1).view(-1, *([1] * (m.dim() - 1)))
+    return m / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
 def _offsets(s: int, direction: str):
     return (s if direction in ("diagonal", "vertical") else 0, s if direction in ("diagonal", "horizontal") else 0)
 
@@ -123,8 +129,11 @@ def shift_equivariance(
                           E(x_0)[\,m : h - s - m,\ m : w - s - m\,]\big)
 
     compares the two on the overlapping region only (minus a ``margin`` m on every side, to
-    measure the interior away from padding effects), with the cosine of
-    :func:`e2kd.losses.explanation_cosine`. Prediction stability is the share of samples whose
+    measure the interior away from padding and upsampling effects), with the cosine of
+    :func:`e2kd.losses.explanation_cosine`. Both regions are first divided by their largest
+    absolute value: the cosine does not change, but the floor ε of that function then only
+    acts on all-zero maps (cosine 0), not on maps of tiny scale (GradCAM values of 1e-6 are
+    common for untrained models). Prediction stability is the share of samples whose
     argmax at shift ``s`` equals that at shift 0, and :math:`\mathrm{KL}(p_0 \| p_s)` of the
     softmax outputs measures how much the prediction moves.
 
@@ -194,7 +203,7 @@ def shift_equivariance(
         dy, dx = _offsets(s, direction)
         cur = m[..., dy + margin : h - margin, dx + margin : w - margin]
         ref = base_map[..., margin : h - dy - margin, margin : w - dx - margin]
-        cos.append(explanation_cosine(cur, ref))
+        cos.append(explanation_cosine(_unit_max(cur), _unit_max(ref)))
         same.append(z.argmax(dim=1) == logits[0].argmax(dim=1))
         logp = F.log_softmax(z, dim=1)
         kl.append((base_logp.exp() * (base_logp - logp)).sum(dim=1))

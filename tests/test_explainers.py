@@ -1,0 +1,175 @@
+"""Explainers: exact values on hand-built networks, captum as an independent oracle,
+differentiability, and clear errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import e2kd
+from e2kd.explain import GradCAM, Gradient, InputXGradient, create
+
+
+class CamNet(nn.Module):
+    """1x1 conv with weights (1, -1) -> A = (x, -x); global average pool; linear W."""
+
+    gradcam_layer = "conv"
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)
+        self.fc = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[2.0, 1.0], [0.0, 3.0]]))
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def arange_input():
+    return torch.arange(4, dtype=torch.float32).view(1, 1, 2, 2)
+
+
+def test_gradcam_exact_values():
+    # z = W·(mean x, -mean x) = (1.5, -4.5): top-1 is class 0.
+    # alpha = W[0] / (h w) = (0.5, 0.25); cam = 0.5 x - 0.25 x = 0.25 x.
+    out = GradCAM()(CamNet(), arange_input())
+    assert torch.allclose(out.logits, torch.tensor([[1.5, -4.5]]))
+    assert out.target.tolist() == [0]
+    assert torch.allclose(out.maps, 0.25 * arange_input())
+
+
+def test_gradcam_relu_gives_zero_map_for_negative_evidence():
+    # class 1: alpha = (0, 0.75); cam = -0.75 x <= 0 -> ReLU -> 0
+    out = GradCAM()(CamNet(), arange_input(), target=torch.tensor([1]))
+    assert torch.equal(out.maps, torch.zeros(1, 1, 2, 2))
+    raw = GradCAM(relu=False)(CamNet(), arange_input(), target=1)
+    assert torch.allclose(raw.maps, -0.75 * arange_input())
+
+
+def test_gradcam_upsamples_bilinearly_to_input_size():
+    class Pooled(CamNet):
+        def forward(self, x):
+            return self.fc(F.avg_pool2d(self.conv(x), 2).mean(dim=(2, 3)))
+
+    net = Pooled()
+    net.gradcam_layer = "conv"
+    x = torch.rand(2, 1, 4, 4)
+    low = GradCAM(upsample=False)(net, x)
+    high = GradCAM()(net, x)
+    assert low.maps.shape == (2, 1, 4, 4) and high.maps.shape == (2, 1, 4, 4)  # conv keeps 4x4
+
+
+def test_input_x_gradient_exact_values():
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, -1.0]]))
+    model = nn.Sequential(nn.Flatten(), lin)
+    out = InputXGradient()(model, arange_input())
+    assert out.target.tolist() == [0]  # z = (20, -3)
+    assert torch.allclose(out.maps, torch.tensor([0.0, 2.0, 6.0, 12.0]).view(1, 1, 2, 2))
+    sal = Gradient()(model, arange_input(), target=1)
+    assert torch.allclose(sal.maps, torch.tensor([0.0, 0.0, 0.0, 1.0]).view(1, 1, 2, 2))
+
+
+def test_registry_builds_by_name():
+    assert {"gradcam", "inputxgradient", "gradient"} <= set(e2kd.explainers.available())
+    cam = create("gradcam", layer="layer4", upsample=False)
+    assert isinstance(cam, GradCAM) and cam.layer == "layer4" and not cam.upsample
+    with pytest.raises(ValueError, match="unknown explainer 'gradcamm'"):
+        create("gradcamm")
+
+
+def _resnet18():
+    import torchvision
+
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(num_classes=7).eval()
+    return model
+
+
+def test_gradcam_matches_captum_maps_and_parameter_gradients():
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    model = _resnet18()
+    x = torch.rand(3, 3, 64, 64)
+    target = torch.tensor([0, 3, 6])
+    weights = torch.rand(3, 1, 64, 64)
+
+    ours = GradCAM()(model, x, target, create_graph=True)
+    (ours.maps * weights).sum().backward()
+    grads_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    lgc = LayerGradCam(model, model.layer4)
+    ref = lgc.attribute(x, target=target, relu_attributions=True, grad_kwargs={"create_graph": True})
+    ref = LayerAttribution.interpolate(ref, (64, 64), interpolate_mode="bilinear")
+    (ref * weights).sum().backward()
+    grads_ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert torch.allclose(ours.maps, ref, rtol=1e-4, atol=1e-6)
+    assert set(grads_ours) == set(grads_ref)
+    assert "fc.weight" in grads_ours  # the final linear layer is reached by the second-order pass
+    for name in grads_ref:
+        assert torch.allclose(grads_ours[name], grads_ref[name], rtol=1e-3, atol=1e-6), name
+
+
+def test_gradcam_without_graph_is_detached_and_builds_no_graph_below_the_layer():
+    model = _resnet18()
+    seen = []
+
+    def record(_m, _i, out):
+        seen.append(out.requires_grad)
+
+    handle = model.layer3.register_forward_hook(record)
+    try:
+        out = GradCAM()(model, torch.rand(2, 3, 64, 64))
+    finally:
+        handle.remove()
+    assert seen == [False]  # below layer4 nothing was recorded, even though parameters need grad
+    assert not out.maps.requires_grad and not out.logits.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_create_graph_maps_reach_every_parameter_of_the_head():
+    model = _resnet18()
+    out = GradCAM()(model, torch.rand(2, 3, 32, 32), create_graph=True)
+    assert out.maps.requires_grad
+    out.maps.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    # The logit bias shifts z_c but not dz_c/dA, so it is the one parameter GradCAM cannot see.
+    assert missing == ["fc.bias"]
+
+
+def test_input_gradient_explainers_are_differentiable():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    x = torch.rand(2, 3, 8, 8)
+    for explainer in (InputXGradient(), Gradient()):
+        model.zero_grad(set_to_none=True)
+        explainer(model, x, create_graph=True).maps.sum().backward()
+        # every parameter except the output bias (which does not change dz/dx) gets a gradient
+        reached = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        assert reached == ["0.weight", "0.bias", "3.weight"], explainer
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(target=torch.tensor([0, 9])), "out of range"),
+        (dict(target=torch.tensor([0, 1, 2])), "batch-size mismatch"),
+        (dict(target=torch.tensor([0.0, 1.0])), "integer class indices"),
+    ],
+)
+def test_bad_targets(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradCAM()(CamNet(), torch.rand(2, 1, 2, 2), **kwargs)
+
+
+def test_non_float_input_and_unknown_layer():
+    with pytest.raises(ValueError, match="floating-point"):
+        GradCAM()(CamNet(), torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="no layer named 'layer9'.*candidate layers: .*layer4"):
+        GradCAM("layer9")(_resnet18(), torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="no default layer for Sequential"):
+        GradCAM()(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), torch.rand(1, 1, 2, 2))
