@@ -27,7 +27,7 @@ def test_configs_exist_for_the_paper_and_cpu_experiments():
         "fmnist/fewshot_bcos_kd.yaml",
         "fmnist/unrelated_mnist_e2kd.yaml",
         "tuxbirds/e2kd.yaml",
-        "tuxscenes/kd.yaml",
+        "tuxscenes/iou_teacher_kd.yaml",
     ):
         assert expected in names, expected
 

@@ -186,3 +186,22 @@ def test_bf16_autocast_run_on_cpu(tmp_path):
 
     res = json.loads((run(cfg, mode="teacher") / "results.json").read_text())
     assert 0.0 <= res["accuracy"] <= 1.0
+
+
+def test_guided_teacher_training_logs_the_guidance_loss(tmp_path):
+    from e2kd.train import read_metrics
+
+    cfg = config_from_dict(base_config(tmp_path, "guided", **{
+        "model.name": "tiny_test_net", "optim.max_steps": 2, "log_every": 1,
+        "guidance.kind": "energy", "guidance.weight": 1.0}))
+    recs = [r for r in read_metrics(run(cfg, mode="teacher") / "metrics.jsonl") if r["split"] == "train"]
+    assert len(recs) == 2
+    for r in recs:
+        # loss = cls_loss + 1.0 · guidance_loss, and the energy loss lies in [0, 1]
+        assert r["loss"] == pytest.approx(r["cls_loss"] + r["guidance_loss"], rel=1e-5)
+        assert 0.0 <= r["guidance_loss"] <= 1.0
+
+
+def test_guidance_is_refused_for_distillation_and_typos(tmp_path):
+    with pytest.raises(ValueError, match="guidance.kind must be null, energy or l1"):
+        config_from_dict({}, ["guidance.kind=epg"])

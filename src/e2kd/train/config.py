@@ -26,6 +26,7 @@ __all__ = [
     "DataConfig",
     "DistillConfig",
     "ExperimentConfig",
+    "GuidanceConfig",
     "ModelConfig",
     "OptimConfig",
     "OptimizerName",
@@ -129,6 +130,18 @@ class DistillConfig:
 
 
 @dataclass
+class GuidanceConfig:
+    """Model guidance for teacher training (Rao et al., ICCV 2023; ``e2kd.guidance.GuidanceLoss``):
+    ``loss = CE (or BCE) + weight · localisation loss`` on the dataset's object masks.
+    ``kind=null`` trains on labels alone."""
+
+    kind: Optional[str] = None  # null | energy (for EPG) | l1 (for IoU)
+    weight: float = 1.0
+    explainer: str = "gradcam"
+    explainer_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class OptimConfig:
     name: OptimizerName = OptimizerName.adamw
     lr: float = 1e-3
@@ -156,6 +169,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     amp: Amp = Amp.none
     channels_last: bool = False
@@ -192,6 +206,7 @@ _TYPES = {
     "ModelConfig": ModelConfig,
     "TeacherConfig": TeacherConfig,
     "DistillConfig": DistillConfig,
+    "GuidanceConfig": GuidanceConfig,
     "OptimConfig": OptimConfig,
 }
 
@@ -293,6 +308,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         (d.lam >= 0, f"distill.lam must be >= 0, got {d.lam}"),
         (d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}"),
         (d.explain_every >= 1, f"distill.explain_every must be >= 1, got {d.explain_every}"),
+        (cfg.guidance.kind in (None, "energy", "l1"), f"guidance.kind must be null, energy or l1, got {cfg.guidance.kind!r}"),
+        (cfg.guidance.weight >= 0, f"guidance.weight must be >= 0, got {cfg.guidance.weight}"),
         (d.gt_weight >= 0, f"distill.gt_weight must be >= 0, got {d.gt_weight}"),
         (cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}"),
         (cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}"),

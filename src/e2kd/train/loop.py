@@ -248,6 +248,24 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     }
     _dry_run(model, teacher, explainers, probe["image"].to(device), multilabel)
 
+    guidance = None
+    if cfg.guidance.kind is not None:
+        if mode != "teacher":
+            raise ValueError("guidance.* (model guidance) applies to train-teacher; set guidance.kind=null for distill")
+        if "mask" not in train_ds[0]:
+            raise ValueError(
+                f"guidance.kind={cfg.guidance.kind} needs object masks, but {cfg.data.name} has none; "
+                "use a dataset with masks (tuxbirds, tuxscenes, fashion_mnist, synthetic) or guidance.kind=null"
+            )
+        from ..guidance import GuidanceLoss
+
+        guidance = GuidanceLoss(
+            kind=cfg.guidance.kind,
+            explainer={"name": cfg.guidance.explainer, **cfg.guidance.explainer_kwargs},
+            weight=cfg.guidance.weight,
+            generator=torch.Generator(),
+        )
+
     stream = TrainStream(
         train_ds, batch_size=cfg.optim.batch_size, seed=cfg.seed, info=info, in_memory=cfg.data.in_memory, num_workers=cfg.num_workers
     )
@@ -345,6 +363,17 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
                     terms["gt_loss"] = gt.detach()
                     loss = loss + cfg.distill.gt_weight * gt
                 terms["agreement"] = out["agreement"]
+            elif guidance is not None:
+                # Multi-label class draws depend on (seed, data position) only: resumable.
+                guidance.generator.manual_seed(cfg.seed * 1_000_003 + stream.position)
+                out = guidance(net, x, y, batch["mask"].to(device, non_blocking=True))
+                loss = out["loss"]
+                terms = {
+                    "cls_loss": out["cls_loss"],
+                    "guidance_loss": out["guidance_loss"],
+                    "zero_maps": out["zero_maps"],
+                    "accuracy": _batch_accuracy(out["logits"].float(), y, multilabel),
+                }
             else:
                 logits = net(x).float()
                 loss = _label_loss(logits, y, multilabel)
@@ -504,11 +533,11 @@ def _batch_accuracy(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> 
 
 
 def _check_finite(out: Dict[str, torch.Tensor], step: int, info: DistInfo, last_ckpt: Optional[Path]) -> None:
-    bad = {k: float(v.detach()) for k, v in out.items() if k != "agreement" and not torch.isfinite(v.detach()).all()}
+    bad = {k: float(v.detach()) for k, v in out.items() if k not in ("agreement", "zero_maps") and not torch.isfinite(v.detach()).all()}
     if broadcast_flag(bool(bad), info) and not bad:
         raise NonFiniteLossError(f"step {step}: another process met a non-finite loss; the run stopped (see its message)")
     if bad:
-        term = next((k for k in ("kd_loss", "exp_loss", "gt_loss", "accuracy", "loss") if k in bad), next(iter(bad)))
+        term = next((k for k in ("kd_loss", "exp_loss", "gt_loss", "cls_loss", "guidance_loss", "loss") if k in bad), next(iter(bad)))
         raise NonFiniteLossError(
             f"step {step}: loss term {term!r} is {bad[term]} (all non-finite terms: {bad}); the run stopped before the "
             f"update, so no weights were changed; last good checkpoint: {last_ckpt or 'none'}. "
