@@ -53,6 +53,9 @@ def test_kd_and_e2kd_end_to_end(tmp_path, teacher_dir):
         res = json.loads((d / "results.json").read_text())
         for key in ("accuracy", "top5", "agreement", "explanation_similarity"):
             assert 0.0 <= res[key] <= 1.0 + 1e-6, key
+        # Synthetic images carry object masks: localisation of student and teacher explanations.
+        for key in ("epg", "iou", "teacher_epg", "teacher_iou"):
+            assert 0.0 <= res[key] <= 1.0, key
         # The teacher's accuracy measured during the student's evaluation is the teacher run's.
         assert res["teacher_accuracy"] == pytest.approx(teacher_acc)
     kd_log = [r for r in read_metrics(kd / "metrics.jsonl") if r["split"] == "train"]

@@ -205,3 +205,28 @@ def test_guided_teacher_training_logs_the_guidance_loss(tmp_path):
 def test_guidance_is_refused_for_distillation_and_typos(tmp_path):
     with pytest.raises(ValueError, match="guidance.kind must be null, energy or l1"):
         config_from_dict({}, ["guidance.kind=epg"])
+
+
+def test_localisation_of_fixed_maps_by_hand():
+    from e2kd.explain.base import Explainer, Explanation
+
+    class ImageAsMap(Explainer):
+        """The 'explanation' is the image itself: EPG and IoU follow from the pixels."""
+
+        def explain(self, model, x, target, *, create_graph):
+            logits = model(x)
+            t = target if target is not None else logits.argmax(1)
+            return Explanation(logits, x[:, :1], torch.as_tensor(t))
+
+    images = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
+    images[0, 0] = torch.tensor([[255, 0], [0, 0]])  # all energy in the top-left pixel
+    images[1, 0] = torch.tensor([[51, 51], [153, 0]])  # energy 0.2, 0.2, 0.6
+    masks = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
+    masks[:, 0, 0, 0] = 1  # the object is the top-left pixel
+    ds = InMemoryImageDataset(images=images, labels=torch.tensor([0, 1]), class_names=["x", "y"], masks=masks)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    res = evaluate(net, [ds.batch(torch.arange(2))], localisation=ImageAsMap())
+    # EPG: 1.0 and 0.2 -> 0.6. IoU with the map binarised at half its maximum: image 0 {top-left}
+    # vs mask {top-left} = 1; image 1 {bottom-left} vs {top-left} = 0 -> 0.5.
+    assert res["epg"] == pytest.approx(0.6, abs=1e-6)
+    assert res["iou"] == pytest.approx(0.5, abs=1e-6)

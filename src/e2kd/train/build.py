@@ -105,3 +105,18 @@ def build_explainers(d: DistillConfig) -> Tuple[Explainer, Explainer]:
     else:
         teacher = _explainer(d.teacher_explainer, d.teacher_explainer_kwargs)
     return teacher, student
+
+
+def localisation_explainer(cfg: ExperimentConfig) -> Explainer:
+    """The explainer scored for localisation: one map per image at the image's resolution.
+
+    ``eval.explainer`` if set; otherwise the distillation explainer, where "bcos" scores the
+    contribution maps (dynamic weights × input, summed over channels).
+    """
+    e = cfg.eval
+    if e.explainer is not None:
+        return _explainer(e.explainer, e.explainer_kwargs)
+    name = cfg.distill.explainer
+    if name.lower() == "bcos":
+        return _explainer(name, {"output": "contributions"})
+    return _explainer(name, cfg.distill.explainer_kwargs)

@@ -25,6 +25,7 @@ __all__ = [
     "Augment",
     "DataConfig",
     "DistillConfig",
+    "EvalConfig",
     "ExperimentConfig",
     "GuidanceConfig",
     "ModelConfig",
@@ -142,6 +143,19 @@ class GuidanceConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation extras. On datasets with object masks, the energy pointing game and IoU of
+    the model's (and the teacher's) explanations for the true / present classes
+    (``e2kd.metrics.LocalisationMeter``)."""
+
+    localisation: bool = True
+    explainer: Optional[str] = None  # None: distill.explainer ("bcos" scores its contribution maps)
+    explainer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    iou_rule: str = "fraction_of_max"
+    iou_value: float = 0.5
+
+
+@dataclass
 class OptimConfig:
     name: OptimizerName = OptimizerName.adamw
     lr: float = 1e-3
@@ -170,6 +184,7 @@ class ExperimentConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     amp: Amp = Amp.none
     channels_last: bool = False
@@ -207,6 +222,7 @@ _TYPES = {
     "TeacherConfig": TeacherConfig,
     "DistillConfig": DistillConfig,
     "GuidanceConfig": GuidanceConfig,
+    "EvalConfig": EvalConfig,
     "OptimConfig": OptimConfig,
 }
 

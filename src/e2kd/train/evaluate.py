@@ -12,8 +12,12 @@ processes report what one process reports. Metrics (fractions in [0, 1]):
 * per group (``group/<name>/accuracy`` etc.) and ``worst_group_accuracy`` when the dataset has
   groups.
 
-Further metrics (localisation, EPG, IoU) plug in through ``extra``: objects with
-``update(batch, outputs)`` and ``compute(reduce) -> dict``.
+* ``epg`` / ``iou`` (and ``teacher_epg`` / ``teacher_iou``) when a ``localisation`` explainer
+  is given and batches carry masks: the energy pointing game and IoU of the explanation of
+  every (image, true or present class) pair (:class:`e2kd.metrics.LocalisationMeter`).
+
+Further metrics plug in through ``extra``: objects with ``update(batch, outputs)`` and
+``compute(reduce) -> dict``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def evaluate(
     info: DistInfo = DistInfo(),
     amp_dtype: Optional[torch.dtype] = None,
     channels_last: bool = False,
+    localisation: Optional[Explainer] = None,
+    localisation_kwargs: Optional[dict] = None,
     extra: Sequence[object] = (),
     progress: Optional[Callable[[Iterable], Iterable]] = None,
 ) -> Dict[str, float]:
@@ -69,6 +75,13 @@ def evaluate(
         sums[key] = sums.get(key, 0.0) + float(value)
 
     device = info.device
+    meters = {}
+    if localisation is not None:
+        from ..metrics import LocalisationMeter
+
+        meters = {"": LocalisationMeter(**(localisation_kwargs or {}))}
+        if teacher is not None:
+            meters["teacher_"] = LocalisationMeter(**(localisation_kwargs or {}))
     it = progress(batches) if progress is not None else batches
     try:
         for batch in it:
@@ -125,6 +138,14 @@ def evaluate(
                     add(f"_g{gi}_acc", correct[sel].sum().item())
                     if agree is not None:
                         add(f"_g{gi}_agr", agree[sel].sum().item())
+            if meters and "mask" in batch:
+                from ..metrics import explain_present_classes
+
+                mask = batch["mask"].to(device)
+                for prefix, meter in meters.items():
+                    who = model if prefix == "" else teacher
+                    pairs = explain_present_classes(who, localisation, x, y, mask)
+                    meter.update(pairs["attributions"].float(), pairs["masks"])
             out.update(logits=logits, teacher_logits=t_logits)
             for metric in extra:
                 metric.update(batch, out)
@@ -161,6 +182,10 @@ def evaluate(
             worst = acc if worst is None else min(worst, acc)
         if worst is not None:
             res["worst_group_accuracy"] = worst
+    for prefix, meter in meters.items():
+        loc = (meter.all_reduced() if info.enabled else meter).compute()
+        if loc["count"]:
+            res[f"{prefix}epg"], res[f"{prefix}iou"] = loc["epg"], loc["iou"]
     for metric in extra:
         res.update(metric.compute(lambda d: all_reduce_sum(d, info)))
     return res

@@ -495,6 +495,11 @@ def evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_
     """Metrics on the evaluation split (and ``val`` under ``results["val"]``)."""
     bs = cfg.eval_batch_size or cfg.optim.batch_size
     results: Dict[str, Any] = {}
+    loc = None
+    if cfg.eval.localisation:
+        from .build import localisation_explainer
+
+        loc = localisation_explainer(cfg)
     for split in ("eval", "val"):
         if split not in data:
             continue
@@ -509,6 +514,8 @@ def evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_
             info=info,
             amp_dtype=amp_dtype,
             channels_last=cfg.channels_last,
+            localisation=loc,
+            localisation_kwargs={"iou_rule": cfg.eval.iou_rule, "iou_value": cfg.eval.iou_value},
         )
         if split == "eval":
             res["dataset"] = getattr(ds, "name", cfg.data.eval_name or cfg.data.name)
