@@ -151,3 +151,16 @@ def test_efficientnet_lite0_imagenet_teacher():
         assert torch.allclose(model(x), model.net(x * 2 - 1), atol=1e-5)
     with pytest.raises(ValueError, match="1000 ImageNet classes"):
         create_model("efficientnet_lite0", num_classes=10, pretrained=True)
+
+
+def test_reset_head_loads_a_backbone_for_another_label_set(tmp_path):
+    torch.manual_seed(0)
+    src = TinyNet(num_classes=10, width=6)
+    save_weights(tmp_path / "in1k.safetensors", src.state_dict())
+    with pytest.raises(ValueError, match="has 10 classes"):
+        load_weights(TinyNet(num_classes=3, width=6), tmp_path / "in1k.safetensors")
+    dst = TinyNet(num_classes=3, width=6)
+    head = dst.fc.weight.detach().clone()
+    load_weights(dst, tmp_path / "in1k.safetensors", reset_head=True)
+    assert torch.equal(dst.features[0].weight, src.features[0].weight)
+    assert torch.equal(dst.fc.weight, head)  # the new head keeps its initialisation

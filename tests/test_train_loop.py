@@ -160,3 +160,31 @@ def test_bcos_pair_end_to_end(tmp_path):
     assert 0.0 <= res["agreement"] <= 1.0 and -1.0 <= res["explanation_similarity"] <= 1.0 + 1e-6
     log = [r for r in read_metrics(student / "metrics.jsonl") if r["split"] == "train"]
     assert log and all(r["exp_loss"] > 0 for r in log)
+
+
+@pytest.mark.data
+def test_fashion_mnist_configs_run_at_small_size(tmp_path):
+    """The shipped Fashion-MNIST configs, on a slice: teacher, then e²KD with 5 shots per class."""
+    from pathlib import Path
+
+    from e2kd.cli import main
+    from e2kd.train import load_config
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "fmnist"
+    small = [f"output_dir={tmp_path}", "progress=false", "data.eval_limit=200", "model.kwargs.width=4", "log_every=1"]
+    teacher = run(load_config(configs / "teacher.yaml", small + ["data.limit=256", "optim.max_steps=2"]), mode="teacher")
+    student = run(load_config(configs / "fewshot_gradcam_e2kd.yaml", small + [
+        f"teacher.checkpoint={teacher}", "data.shots=5", "data.val_per_class=2", "optim.max_steps=2"]), mode="distill")
+    res = json.loads((student / "results.json").read_text())
+    assert res["num_images"] == 200 and res["dataset"].startswith("fashion_mnist")
+    assert res["val"]["num_images"] == 20  # 2 held-out images per class
+    for key in ("accuracy", "top5", "agreement", "explanation_similarity", "epg"):
+        assert 0.0 <= res[key] <= 1.0 + 1e-6, key
+    env = json.loads((student / "env.json").read_text())
+    assert len(env["data"]["sampling"]["train"]["indices_hash"]) > 8  # the k-shot selection is recorded
+    # `e2kd evaluate CONFIG` with model.checkpoint: the same numbers from the saved weights.
+    cfg_file = tmp_path / "eval.yaml"
+    cfg_file.write_text((student / "config.yaml").read_text())
+    assert main(["evaluate", str(cfg_file), f"model.checkpoint={student}", "name=evalcfg"]) == 0
+    again = json.loads((tmp_path / "evalcfg" / "eval_fashion_mnist_test.json").read_text())
+    assert again["accuracy"] == pytest.approx(res["accuracy"]) and again["agreement"] == pytest.approx(res["agreement"])

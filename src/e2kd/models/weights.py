@@ -115,11 +115,19 @@ def check_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], *, what: str
 
 
 def _is_head(model: nn.Module, key: str) -> bool:
+    return key in _head_keys(model)
+
+
+def _head_keys(model: nn.Module) -> list:
     last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))]
-    return bool(last) and key.rsplit(".", 1)[0] == last[-1]
+    if not last:
+        return []
+    return [k for k in model.state_dict() if k.rsplit(".", 1)[0] == last[-1]]
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, *, source: str = "auto", what: Optional[str] = None) -> nn.Module:
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, *, source: str = "auto", what: Optional[str] = None, reset_head: bool = False
+) -> nn.Module:
     """Load a local weights file into ``model`` (strictly, after checking keys and shapes).
 
     Parameters
@@ -131,15 +139,25 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, source: str = "au
     source : {"auto", "e2kd", "torchvision", "timm", "bcos"}
         Key layout of the file. ``auto`` strips wrapper prefixes and maps old torchvision
         DenseNet keys; ``bcos`` loads B-cos v2 release files through ``e2kd.bcos.weights``.
+    reset_head : bool
+        Keep the model's own (freshly initialised) classifier and load everything else: to
+        fine-tune ImageNet weights on another label set.
     """
     if source not in _SOURCES:
         raise ValueError(f"unknown weights source {source!r}; choose one of {', '.join(_SOURCES)}")
     what = what or f"weights file {str(path)!r}"
     sd = _strip_prefixes(read_state_dict(path))
     if source == "bcos":
+        if reset_head:
+            own = model.state_dict()
+            sd.update({k: own[k] for k in _head_keys(model)})
         return _load_bcos(model, sd)
     if source in ("auto", "torchvision", "timm"):
         sd = _map_torchvision(sd)
+    if reset_head:
+        own = model.state_dict()
+        for k in _head_keys(model):
+            sd[k] = own[k]
     # BatchNorm's step counter is optional in many released files.
     for k, v in model.state_dict().items():
         if k.endswith("num_batches_tracked") and k not in sd:

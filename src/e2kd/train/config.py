@@ -101,6 +101,7 @@ class ModelConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None  # initial weights (file or run folder)
     source: str = "auto"  # key layout of the checkpoint: auto | e2kd | torchvision | timm | bcos
+    reset_head: bool = False  # load everything but the classifier (fine-tune e.g. ImageNet weights)
 
 
 @dataclass

@@ -235,7 +235,10 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     if cfg.model.checkpoint:
         from ..models.weights import load_weights
 
-        load_weights(model, cfg.model.checkpoint, source=cfg.model.source, what=f"model.checkpoint {cfg.model.checkpoint!r}")
+        load_weights(
+            model, cfg.model.checkpoint, source=cfg.model.source, what=f"model.checkpoint {cfg.model.checkpoint!r}",
+            reset_head=cfg.model.reset_head,
+        )
     model.to(device)
     if teacher is not None:
         teacher.to(device)
