@@ -230,3 +230,11 @@ def test_localisation_of_fixed_maps_by_hand():
     # vs mask {top-left} = 1; image 1 {bottom-left} vs {top-left} = 0 -> 0.5.
     assert res["epg"] == pytest.approx(0.6, abs=1e-6)
     assert res["iou"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_a_bad_guidance_layer_fails_before_training(tmp_path):
+    cfg = config_from_dict(base_config(tmp_path, "badguide", **{
+        "model.name": "tiny_test_net", "guidance.kind": "l1", "guidance.explainer_kwargs": {"layer": "nope"}}))
+    with pytest.raises(ValueError, match="no layer named 'nope'"):
+        run(cfg, mode="teacher")
+    assert not (tmp_path / "badguide" / "metrics.jsonl").exists()

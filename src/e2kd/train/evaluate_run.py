@@ -73,7 +73,9 @@ def evaluate_target(target: str, overrides: Sequence[str] = ()) -> Tuple[Optiona
 def _has_record(path: Path) -> bool:
     from .build import read_record
 
+    from safetensors import SafetensorError
+
     try:
         return read_record(path) is not None
-    except Exception:
+    except (SafetensorError, OSError, ValueError):  # not a safetensors file: read it as plain weights
         return False

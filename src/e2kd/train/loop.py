@@ -170,7 +170,8 @@ def _check_same_config(run_dir: Path, cfg: ExperimentConfig) -> None:
         return
     old = yaml.safe_load(path.read_text()) or {}
     new = to_dict(cfg)
-    ignore = {"resume", "progress", "num_workers", "log_every", "device", "tensorboard"}
+    ignore = {"resume", "progress", "num_workers", "log_every", "device", "tensorboard", "checkpoint_every",
+              "keep_checkpoints", "eval_batch_size", "eval"}
     diff = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
     if diff:
         raise ValueError(
@@ -268,6 +269,17 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             weight=cfg.guidance.weight,
             generator=torch.Generator(),
         )
+
+    if guidance is not None:  # a bad guidance explainer fails here, before the first step
+        was = model.training
+        model.eval()
+        try:
+            probe_masks = probe["mask"] if "mask" in probe else torch.stack([train_ds[i]["mask"] for i in range(2)])
+            guidance(model, probe["image"].to(device), probe["label"].to(device) if "label" in probe else
+                     torch.stack([train_ds[i]["label"] for i in range(2)]).to(device), probe_masks.to(device))
+        finally:
+            model.train(was)
+        model.zero_grad(set_to_none=True)
 
     stream = TrainStream(
         train_ds, batch_size=cfg.optim.batch_size, seed=cfg.seed, info=info, in_memory=cfg.data.in_memory, num_workers=cfg.num_workers
