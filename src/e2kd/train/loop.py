@@ -247,16 +247,18 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
         model.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
-    probe = train_ds.batch(torch.arange(2)) if callable(getattr(train_ds, "batch", None)) else {
-        "image": torch.stack([train_ds[i]["image"] for i in range(min(2, len(train_ds)))])
-    }
+    n_probe = min(2, len(train_ds))
+    if callable(getattr(train_ds, "batch", None)):
+        probe = train_ds.batch(torch.arange(n_probe))
+    else:
+        probe = {k: torch.stack(v) for k, v in _stack_samples([train_ds[i] for i in range(n_probe)]).items()}
     _dry_run(model, teacher, explainers, probe["image"].to(device), multilabel)
 
     guidance = None
     if cfg.guidance.kind is not None:
         if mode != "teacher":
             raise ValueError("guidance.* (model guidance) applies to train-teacher; set guidance.kind=null for distill")
-        if "mask" not in train_ds[0]:
+        if "mask" not in probe:
             raise ValueError(
                 f"guidance.kind={cfg.guidance.kind} needs object masks, but {cfg.data.name} has none; "
                 "use a dataset with masks (tuxbirds, tuxscenes, fashion_mnist, synthetic) or guidance.kind=null"
@@ -274,9 +276,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
         was = model.training
         model.eval()
         try:
-            probe_masks = probe["mask"] if "mask" in probe else torch.stack([train_ds[i]["mask"] for i in range(2)])
-            guidance(model, probe["image"].to(device), probe["label"].to(device) if "label" in probe else
-                     torch.stack([train_ds[i]["label"] for i in range(2)]).to(device), probe_masks.to(device))
+            guidance(model, probe["image"].to(device), probe["label"].to(device), probe["mask"].to(device))
         finally:
             model.train(was)
         model.zero_grad(set_to_none=True)
@@ -538,6 +538,10 @@ def evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_
         else:
             results["val"] = res
     return results
+
+
+def _stack_samples(samples):
+    return {k: [s[k] for s in samples] for k in samples[0]}
 
 
 def _label_loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
