@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import math
 import re
 import shutil
 import subprocess
@@ -128,6 +127,14 @@ def test_training_curves_figure_only_draws_logged_metrics():
     assert training_curves_figure({"a": recs}, keys=["agreement"]) is None
     data = training_curves_figure({"a": recs}, panel_inches=(2, 2), dpi=50)  # one panel: loss
     assert _png(data).shape == (100, 100, 3)
+
+
+def test_training_curves_figure_reads_run_folders(tmp_path):
+    run = _fake_run(tmp_path, "kd", seed=0, lam=0, accuracy=0.8)  # its metrics.jsonl has a torn last line
+    data = training_curves_figure({"kd": run, "kd again": run / "metrics.jsonl"}, panel_inches=(2, 2), dpi=50)
+    assert _png(data).shape == (100, 200, 3)  # two panels: loss, agreement
+    with pytest.raises(FileNotFoundError, match="pass a run folder"):
+        training_curves_figure({"x": tmp_path / "nope"})
 
 
 # ---- tables ----------------------------------------------------------------------------------

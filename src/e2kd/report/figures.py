@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..train.runfolder import atomic_write_bytes
+from ..train.runfolder import atomic_write_bytes, read_metrics
 
 __all__ = ["normalise_map", "explanation_figure", "curve_figure", "training_curves_figure", "TRAINING_CURVE_KEYS"]
 
@@ -277,7 +277,8 @@ def training_curves_figure(
 
     Parameters
     ----------
-    runs : mapping of run name -> records (as from :func:`e2kd.train.runfolder.read_metrics`)
+    runs : mapping of run name -> records (as from :func:`e2kd.train.runfolder.read_metrics`), or
+        -> a run folder / ``metrics.jsonl`` path, read with that function (a torn last line is skipped)
     keys : the metrics to draw; default: those of :data:`TRAINING_CURVE_KEYS` that the runs logged
     split : which records to draw (their ``split`` field), ``"train"`` by default
 
@@ -287,6 +288,12 @@ def training_curves_figure(
     """
     series: Dict[str, Dict[str, Tuple[List[float], List[float]]]] = {}
     for run, records in runs.items():
+        if isinstance(records, (str, os.PathLike)):
+            log = Path(records)
+            log = log / "metrics.jsonl" if log.is_dir() else log
+            if not log.is_file():
+                raise FileNotFoundError(f"{log} does not exist; pass a run folder or its metrics.jsonl")
+            records = read_metrics(log)
         for rec in records:
             if rec.get("split", "train") != split or not _numeric(rec.get("step")):
                 continue
@@ -298,6 +305,8 @@ def training_curves_figure(
     wanted = [k for k in (keys if keys is not None else TRAINING_CURVE_KEYS) if k in series]
     if not wanted:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     ncols = min(max_columns, len(wanted))
     nrows = math.ceil(len(wanted) / ncols)
     fig = _new_figure(panel_inches[0] * ncols, panel_inches[1] * nrows, dpi)
@@ -307,6 +316,7 @@ def training_curves_figure(
             ax.plot(xs, ys, linewidth=1.2, label=run)
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if i == 0 and len(runs) > 1:

@@ -320,7 +320,9 @@ def render_html(runs: Sequence[RunSummary], *, title: Optional[str] = None) -> s
     curves = training_curves_figure({r.name: r.metrics for r in runs})
     if curves is not None:
         body.append("<h2 id=\"curves\">Training curves</h2>" + _img(curves, "training curves from metrics.jsonl"))
-    body.append("<h2 id=\"all-results\">results.json</h2>" + _results_side_by_side(runs))
+    shown = set(shared_metrics(runs))
+    if len(runs) > 1 or any(k not in shown for r in runs for k in r.results):  # else the table above showed it all
+        body.append("<h2 id=\"all-results\">results.json</h2>" + _results_side_by_side(runs))
     body += [_run_section(r, i) for i, r in enumerate(runs)]
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
