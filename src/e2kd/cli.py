@@ -73,6 +73,21 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (runs/NAME) to show or compare")
+    parser.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html for one run, report.html for several)")
+
+
+@command("report", arguments=_report_arguments)
+def _report(args) -> int:
+    """Write a self-contained HTML report (tables, curves, figures) for one run or a comparison of runs."""
+    from .report import write_html_report
+
+    out = args.output or (Path(args.run_dirs[0]) / "report.html" if len(args.run_dirs) == 1 else Path("report.html"))
+    print(f"wrote {write_html_report(args.run_dirs, out)}")
+    return 0
+
+
 def _print_results(run_dir: Path) -> None:
     path = Path(run_dir) / "results.json"
     if int(os.environ.get("RANK", "0")) == 0 and path.is_file():
