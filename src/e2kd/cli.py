@@ -88,6 +88,30 @@ def _report(args) -> int:
     return 0
 
 
+def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", help="an experiment name (see `e2kd reproduce list`), `all`, or `list`")
+    parser.add_argument("--quick", action="store_true", help="the small size that CI runs (one seed)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
+    parser.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
+
+
+@command("reproduce", arguments=_reproduce_arguments)
+def _reproduce(args) -> int:
+    """Reproduce a claim of the paper at CPU scale (fewshot, unrelated, waterbirds, multilabel, vit, frozen, all)."""
+    from .reproduce import available, run_experiment
+
+    names = available()
+    if args.experiment == "list":
+        for name, summary in names.items():
+            print(f"{name:<12}{summary}")
+        return 0
+    todo = list(names) if args.experiment == "all" else [args.experiment]
+    seeds = None if args.seeds is None else list(range(args.seeds))
+    for name in todo:
+        print(f"wrote {run_experiment(name, out_dir=args.out, quick=args.quick, seeds=seeds)}")
+    return 0
+
+
 def _print_results(run_dir: Path) -> None:
     path = Path(run_dir) / "results.json"
     if int(os.environ.get("RANK", "0")) == 0 and path.is_file():
