@@ -8,6 +8,8 @@ convolution backward) and the teacher keeps neither parameter gradients nor its 
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -215,17 +217,41 @@ def test_frozen_teacher_unit_weights_follow_weight_updates():
         torch.testing.assert_close(teacher(x), other(x))
 
 
-def test_step_benchmark_runs_all_variants_on_cpu(tmp_path):
-    out = tmp_path / "step.json"
-    cmd = [sys.executable, "-m", "benchmarks.step", "--pair", "bcos", "--size", "32", "--batch", "2", "--steps", "1",
-           "--warmup", "0", "--threads", "1", "--classes", "4", "--json", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
-    assert res.returncode == 0, res.stderr[-3000:]
-    import json
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 
-    rows = json.loads(out.read_text())["pairs"]["bcos"]
-    assert set(rows) == {"kd", "e2kd", "frozen", "lam0", "every4"}
+
+@pytest.mark.slow
+def test_step_benchmark_measures_per_variant_rss_on_cpu(tmp_path):
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, "-m", "benchmarks.step", "--pair", "gradcam", "--teacher", "resnet8_small",
+           "--student", "resnet8_small", "--variants", "kd,frozen", "--size", "32", "--batch", "2", "--steps", "1",
+           "--warmup", "0", "--threads", "1", "--classes", "4", "--rss", "--json", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["pairs"]["gradcam"]
+    assert set(rows) == {"kd", "frozen"}
+    assert all(r["rss_mib"] > 0 for r in rows.values())
     assert rows["kd"]["ratio_wall"] == 1.0
+
+
+def test_gpu_script_parses():
+    res = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900, env={**_env(), "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "FAILED" not in summary, summary[-3000:]
+    rows = json.loads((tmp_path / "step_bcos.json").read_text())["pairs"]["bcos"]
+    assert set(rows) == {"kd", "e2kd", "frozen", "lam0", "every4"}
     # live e2KD keeps more for backward than KD (teacher input gradient + student double backward)
     assert rows["e2kd"]["saved_mib"] > rows["kd"]["saved_mib"]
+    for name in ("step_gradcam", "step_bcos_densenet", "throughput_bcos_lam0", "throughput_bcos_lam1"):
+        assert (tmp_path / f"{name}.json").is_file(), name
+    tput = json.loads((tmp_path / "throughput_bcos_lam1.json").read_text())
+    assert tput["images_per_s"] > 0 and tput["steps"] == 2

@@ -149,7 +149,11 @@ class _ExplainedConv(torch.autograd.Function):
     def backward(ctx, gy):
         factor, weight = ctx.saved_tensors
         shape, stride, padding = ctx.geometry
-        gx = torch.nn.grad.conv2d_input(shape, weight, gy * factor, stride, padding) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        g = gy * factor
+        # under autocast the forward convolution ran in the factor's dtype
+        gx = torch.nn.grad.conv2d_input(shape, weight.to(g.dtype), g, stride, padding)
         return gx, None, None, None, None, None
 
 
