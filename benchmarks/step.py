@@ -1,21 +1,44 @@
-"""Time one training step of KD and e²KD side by side (forward, loss, backward, optimiser step).
+"""Time one training step of KD, live e²KD and frozen e²KD side by side (forward, loss, backward, optimiser step).
 
-    python -m benchmarks.step --pair bcos|gradcam|all --size 64 --batch 32 --steps 10 --threads 2
+    python -m benchmarks.step --pair bcos|gradcam|bcos_densenet|all --size 64 --batch 32 --steps 10 --threads 2
 
 Pairs: ``gradcam`` = torchvision ResNet-34 -> ResNet-18 with GradCAM; ``bcos`` = B-cos
-ResNet-34 -> B-cos ResNet-18 with B-cos explanations. The variants of a pair are measured
-interleaved (A B A B ...) so that a noisy machine slows all of them alike. Reported per
-variant: median step time, images/s, saved-for-backward memory of one step (tensors packed by
-autograd, each storage counted once) and, on CUDA, the peak allocated memory; then the ratio
-to the KD step of the same pair, by wall-clock time and by process CPU time (the CPU time is less
-sensitive to other processes competing for the cores).
+ResNet-34 -> B-cos ResNet-18 with B-cos explanations; ``bcos_densenet`` = B-cos DenseNet-169 ->
+B-cos ResNet-18 (meant for a GPU; not part of ``all``).
+
+Variants (``--variants``, comma-separated):
+
+* ``kd``      plain KD written by hand: teacher forward under ``no_grad`` + student step.
+* ``e2kd``    Distiller(teacher, student, lam=1): teacher explanation + student explanation step.
+* ``frozen``  Distiller(None, student, lam=1) fed with stored teacher outputs: fp16 maps of the
+  teacher's map shape and fp32 logits, already in memory (no teacher at all).
+* ``lam0``    Distiller(teacher, student, lam=0) with the explainer configured (must cost
+  what ``kd`` costs).
+* ``every4``  e²KD with ``explain_every=4``: timed over whole multiples of 4 steps and compared
+  by its mean with ``(3·KD + e²KD) / 4``.
+
+The variants of a pair are measured interleaved (A B C A B C ...) in one process, so that a
+noisy machine slows all of them alike. Reported per variant: median and mean step time,
+images/s, median process CPU time, saved-for-backward memory of one step (tensors packed by
+autograd, each storage counted once), peak memory (CUDA: peak allocated per variant; CPU with
+``--rss``: peak resident memory of a fresh subprocess that builds and steps that variant
+alone), and the ratios to the KD step of the same pair by wall time and by CPU time.
+
+GPU options: ``--device cuda --amp bf16 --channels-last --compile``. ``--compile`` compiles the
+student where it works; double backward (the student's explanation) is not supported by
+``torch.compile``, so variants that fail to compile fall back to eager and are marked so.
+``--json PATH`` also writes every figure as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict
@@ -28,37 +51,84 @@ from e2kd.models import create_model
 PAIRS = {
     "gradcam": ("resnet34", "resnet18", "gradcam"),
     "bcos": ("bcos_resnet34", "bcos_resnet18", "bcos"),
+    "bcos_densenet": ("bcos_densenet169", "bcos_resnet18", "bcos"),
 }
+VARIANTS = ("kd", "e2kd", "frozen", "lam0", "every4")
 
 
-def build_variants(pair: str, args) -> Dict[str, Callable[[torch.Tensor], None]]:
-    """name -> step function for one teacher/student pair; every variant owns its student."""
-    teacher_name, student_name, explainer = PAIRS[pair]
-    torch.manual_seed(0)
-    teacher = create_model(teacher_name, num_classes=args.classes).to(args.device).eval()
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    teacher = teacher.to(memory_format=fmt)
-    variants = {}
+def map_shape(explainer: str, batch: int, size: int) -> tuple:
+    """Shape of the teacher's maps for a batch: GradCAM (upsampled) 1 channel, B-cos weights 2·3."""
+    return (batch, 1 if explainer == "gradcam" else 6, size, size)
 
-    def make(lam: float):
+
+class Variant:
+    """One benchmarked training step: a student, its optimiser and the Distiller around it."""
+
+    def __init__(self, name: str, teacher, pair: str, args):
+        teacher_name, student_name, explainer = PAIRS[pair]
+        self.name = name
+        self.compiled = False
+        self.note = ""
         torch.manual_seed(1)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         student = create_model(student_name, num_classes=args.classes).to(args.device).to(memory_format=fmt).train()
-        distiller = e2kd.Distiller(teacher, student, explainer=explainer, lam=lam, temperature=1.0)
-        opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+        lam = 0.0 if name in ("kd", "lam0") else 1.0
+        every = 4 if name == "every4" else 1
+        self.distiller = e2kd.Distiller(
+            None if name == "frozen" else teacher, student, explainer=explainer, lam=lam, explain_every=every
+        )
+        self.plain_kd = name == "kd"
+        self.teacher = teacher
+        self.opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+        self.eager_student = student
+        if args.compile:
+            self.distiller.student = torch.compile(student)
+            self.compiled = True
+        self.stored = None
+        if name == "frozen":
+            g = torch.Generator().manual_seed(3)
+            logits = torch.randn(args.batch, args.classes, generator=g)
+            maps = torch.rand(map_shape(explainer, args.batch, args.size), generator=g).half()
+            self.stored = (logits.to(args.device), maps.to(args.device))
+        self.amp = (
+            torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
+            if args.amp == "bf16"
+            else contextlib.nullcontext()
+        )
 
-        def step(x):
-            opt.zero_grad(set_to_none=True)
-            out = distiller(x)
-            out["loss"].backward()
-            opt.step()
+    def __call__(self, x: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with self.amp:
+            if self.plain_kd:  # the baseline, written by hand: no Distiller, no explainer
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+                out = {"loss": e2kd.kd_loss(self.distiller.student(x), teacher_logits, 1.0)}
+            elif self.stored is not None:
+                out = self.distiller(x, teacher_logits=self.stored[0], teacher_maps=self.stored[1])
+            else:
+                out = self.distiller(x)
+        out["loss"].backward()
+        self.opt.step()
 
-        return step
+    def first_step(self, x: torch.Tensor) -> None:
+        """Run one step; a compiled student that fails (double backward) falls back to eager."""
+        try:
+            self(x)
+        except Exception as err:  # noqa: BLE001 - any compile failure means: run eager
+            if not self.compiled:
+                raise
+            self.distiller.student = self.eager_student
+            self.compiled = False
+            self.note = f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); eager"
+            torch._dynamo.reset()
+            self(x)
 
-    variants["kd"] = make(0.0)
-    variants["e2kd"] = make(1.0)
-    # A `frozen` variant (stored teacher logits and maps, no teacher forward) is added here:
-    # variants["frozen"] = make_frozen(...)
-    return variants
+
+def build_teacher(pair: str, args):
+    teacher_name, _, _ = PAIRS[pair]
+    torch.manual_seed(0)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    return create_model(teacher_name, num_classes=args.classes).to(args.device).to(memory_format=fmt).eval()
 
 
 def saved_bytes(step: Callable[[torch.Tensor], None], x: torch.Tensor) -> int:
@@ -83,42 +153,115 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_pair(pair: str, args) -> dict:
-    variants = build_variants(pair, args)
+def make_input(args) -> torch.Tensor:
     torch.manual_seed(2)
     x = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    memory = {name: saved_bytes(fn, x) for name, fn in variants.items()}
+    return x
+
+
+def run_pair(pair: str, args) -> dict:
+    teacher = build_teacher(pair, args) if any(v != "frozen" for v in args.variants) else None
+    x = make_input(args)
+    variants: Dict[str, Variant] = {}
+    for name in args.variants:
+        variants[name] = Variant(name, teacher, pair, args)
+        variants[name].first_step(x)
+    if "every4" in variants:
+        variants["every4"].distiller.calls = 0  # its saved-for-backward figure is that of an explaining step
+    memory = {}
+    for name, v in variants.items():
+        try:
+            memory[name] = saved_bytes(v, x)
+        except Exception as err:  # noqa: BLE001 - e.g. saved-tensor hooks inside a compiled graph
+            if not v.compiled:
+                raise
+            memory[name] = float("nan")
+            v.note = (v.note + "; " if v.note else "") + f"saved bytes not measured ({type(err).__name__})"
+    steps = 4 * -(-args.steps // 4) if "every4" in variants else args.steps
     for _ in range(args.warmup):
-        for fn in variants.values():
-            fn(x)
+        for v in variants.values():
+            v(x)
+    if "every4" in variants:
+        variants["every4"].distiller.calls = 0
     times = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
     peaks = {}
-    for _ in range(args.steps):
-        for name, fn in variants.items():  # interleaved: A B A B ...
+    for _ in range(steps):
+        for name, v in variants.items():  # interleaved: A B C A B C ...
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             sync(args.device)
             t0, c0 = time.perf_counter(), time.process_time()
-            fn(x)
+            v(x)
             sync(args.device)
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
             if args.device.startswith("cuda"):
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
     rows = {}
-    for name in variants:
+    for name, v in variants.items():
         med = statistics.median(times[name])
-        rows[name] = dict(median_ms=1000 * med, cpu_ms=1000 * statistics.median(cpu[name]), images_per_s=args.batch / med, saved_mib=memory[name] / 2**20,
-                          peak_mib=peaks.get(name, 0) / 2**20, times_ms=[round(1000 * t, 1) for t in times[name]])
+        rows[name] = dict(
+            median_ms=1000 * med,
+            mean_ms=1000 * statistics.fmean(times[name]),
+            cpu_ms=1000 * statistics.median(cpu[name]),
+            cpu_mean_ms=1000 * statistics.fmean(cpu[name]),
+            images_per_s=args.batch / med,
+            saved_mib=memory[name] / 2**20,
+            peak_mib=peaks.get(name, 0) / 2**20,
+            compiled=v.compiled,
+            note=v.note,
+            times_ms=[round(1000 * t, 1) for t in times[name]],
+        )
     return rows
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB.
+
+    On Linux ``VmHWM`` of /proc/self/status (reset by exec, unlike ``ru_maxrss``, which a child
+    inherits from the process that forked it); elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024
+
+
+def child_rss(pair: str, variant: str, args) -> float:
+    """Peak RSS (MiB) of a fresh process that builds ``variant`` alone and runs a few steps."""
+    cmd = [
+        sys.executable, "-m", "benchmarks.step", "--pair", pair, "--variants", variant, "--steps", "1",
+        "--warmup", "0", "--size", str(args.size), "--batch", str(args.batch), "--threads", str(args.threads),
+        "--classes", str(args.classes), "--device", args.device, "--rss-child",
+        "--teacher", PAIRS[pair][0], "--student", PAIRS[pair][1],
+    ]
+    if args.channels_last:
+        cmd.append("--channels-last")
+    if args.amp != "none":
+        cmd += ["--amp", args.amp]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=os.environ.copy())
+    if out.returncode != 0:
+        raise RuntimeError(f"RSS subprocess for {pair}/{variant} failed:\n{out.stderr[-2000:]}")
+    for line in out.stdout.splitlines():
+        if line.startswith("# process peak RSS:"):
+            return float(line.split(":")[1].split()[0])
+    raise RuntimeError(f"RSS subprocess for {pair}/{variant} printed no peak RSS:\n{out.stdout[-2000:]}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", choices=["bcos", "gradcam", "all"], default="all")
+    p.add_argument("--pair", choices=[*PAIRS, "all"], default="all")
+    p.add_argument("--teacher", help="override the pair's teacher (a registry name), e.g. for a quick dry run")
+    p.add_argument("--student", help="override the pair's student (a registry name)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
@@ -127,28 +270,75 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast dtype (bf16 on GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student where it works")
+    p.add_argument("--rss", action="store_true", help="also measure each variant's peak RSS in a fresh subprocess")
+    p.add_argument("--json", help="write all figures to this JSON file")
+    p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.teacher or args.student:
+        if args.pair == "all":
+            p.error("--teacher/--student override one pair: give --pair too")
+        t, s_, e = PAIRS[args.pair]
+        PAIRS[args.pair] = (args.teacher or t, args.student or s_, e)
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.size < 32 or args.batch < 1:
+        p.error("--size must be >= 32 and --batch >= 1")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or not args.variants:
+        p.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but torch sees no CUDA device")
     torch.set_num_threads(args.threads)
-    pairs = list(PAIRS) if args.pair == "all" else [args.pair]
+    if args.rss_child:
+        run_pair(args.pair, args)
+        print(f"# process peak RSS: {peak_rss_mib():.0f} MiB")
+        return 0
+    pairs = ["gradcam", "bcos"] if args.pair == "all" else [args.pair]
     print(f"# {' '.join(sys.argv)}")
-    print(f"# torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"{args.size} px, batch {args.batch}, {args.steps} interleaved steps after {args.warmup} warm-up")
-    print("| pair | variant | median step (ms) | images/s | saved for backward (MiB) | peak CUDA (MiB) | ratio to KD "
-          "| median process CPU time (ms) | CPU-time ratio to KD |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"# torch {torch.__version__}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+          + f", threads {torch.get_num_threads()}, {args.size} px, batch {args.batch}, "
+          f"{args.steps} interleaved steps after {args.warmup} warm-up, amp {args.amp}, "
+          f"channels-last {args.channels_last}, compile {args.compile}")
+    print("| pair | variant | median step (ms) | mean step (ms) | images/s | saved for backward (MiB) | peak memory (MiB) "
+          "| ratio to KD (wall) | median CPU time (ms) | ratio to KD (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    report = {"argv": sys.argv, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}, "pairs": {}}
     for pair in pairs:
         rows = run_pair(pair, args)
-        base, cbase = rows["kd"]["median_ms"], rows["kd"]["cpu_ms"]
+        if args.rss:
+            for name in rows:
+                rows[name]["rss_mib"] = child_rss(pair, name, args)
+        kd = rows.get("kd")
         for name, r in rows.items():
-            print(f"| {pair} | {name} | {r['median_ms']:.0f} | {r['images_per_s']:.1f} | {r['saved_mib']:.0f} | "
-                  f"{r['peak_mib']:.0f} | {r['median_ms'] / base:.2f} | {r['cpu_ms']:.0f} | {r['cpu_ms'] / cbase:.2f} |",
-                  flush=True)
+            use_mean = name == "every4"
+            wall = r["mean_ms"] if use_mean else r["median_ms"]
+            cpu_t = r["cpu_mean_ms"] if use_mean else r["cpu_ms"]
+            if kd:
+                r["ratio_wall"] = wall / (kd["mean_ms"] if use_mean else kd["median_ms"])
+                r["ratio_cpu"] = cpu_t / (kd["cpu_mean_ms"] if use_mean else kd["cpu_ms"])
+            peak = r["peak_mib"] if args.device.startswith("cuda") else r.get("rss_mib", float("nan"))
+            tag = " (compiled)" if r["compiled"] else ""
+            print(f"| {pair} | {name}{tag} | {r['median_ms']:.0f} | {r['mean_ms']:.0f} | {r['images_per_s']:.1f} | "
+                  f"{r['saved_mib']:.0f} | {peak:.0f} | {r.get('ratio_wall', float('nan')):.2f} | {r['cpu_ms']:.0f} | "
+                  f"{r.get('ratio_cpu', float('nan')):.2f} |", flush=True)
+        if kd and "e2kd" in rows and "every4" in rows:
+            for key, label in (("mean_ms", "wall"), ("cpu_mean_ms", "CPU")):
+                expect = (3 * kd[key] + rows["e2kd"][key]) / 4
+                print(f"#   {pair}/every4 mean {label} {rows['every4'][key]:.0f} ms vs (3·KD + e²KD)/4 = {expect:.0f} ms "
+                      f"(ratio {rows['every4'][key] / expect:.2f})")
         for name, r in rows.items():
-            print(f"#   {pair}/{name} step times (ms): {r['times_ms']}")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"# process peak RSS: {rss:.0f} MiB")
+            print(f"#   {pair}/{name} step times (ms): {r['times_ms']}" + (f"  [{r['note']}]" if r["note"] else ""))
+        report["pairs"][pair] = rows
+    print(f"# process peak RSS (all variants together): {peak_rss_mib():.0f} MiB")
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, args.json)
     return 0
 
 

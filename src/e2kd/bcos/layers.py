@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mode import DynamicLinearModule, attend, bcos_scale, scale_affine
+from .mode import DynamicLinearModule, _bcos_factor, attend, bcos_scale, scale_affine
 
 __all__ = [
     "InputEncoding",
@@ -102,12 +102,59 @@ class InputEncoding(nn.Module):
         return f"in_chans={self.in_chans} -> {2 * self.in_chans} channels [x, 1-x]"
 
 
+def _unit_rows(module: nn.Module, dims) -> torch.Tensor:
+    """``w / ‖w‖`` over ``dims``; cached while the weight is frozen and unchanged.
+
+    A trainable weight is normalised on every call (the normalisation is part of its graph).
+    A frozen one (``requires_grad=False``, e.g. a distillation teacher) is normalised once and
+    reused until the weight tensor is replaced or modified in place (checked by its storage
+    pointer, version counter, dtype and device).
+    """
+    w = module.weight
+    if w.requires_grad:
+        return w / torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+    key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+    cached = module.__dict__.get("_unit_cache")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            unit = w / torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+        module.__dict__["_unit_cache"] = cached = (key, unit)
+    return cached[1]
+
+
 class _NormedConv2d(nn.Conv2d):
     """Holds the weight (key ``linear.weight``); the B-cos layer uses its unit-norm rows."""
 
     def unit_weight(self) -> torch.Tensor:
-        w = self.weight
-        return w / torch.linalg.vector_norm(w, dim=(1, 2, 3), keepdim=True)
+        return _unit_rows(self, (1, 2, 3))
+
+
+class _ExplainedConv(torch.autograd.Function):
+    """Forward-time explanation mode of a frozen B-cos convolution, input gradient only.
+
+    ``y = (ŵ * x) · f`` with the factor ``f = |ŵ * x|^(B-1) / ‖x‖^(B-1)`` a constant. Saves
+    only ``f`` and the weight (not the input patch tensor ``x``, which the input gradient
+    ``ŵᵀ ⋆ (f · g)`` does not need).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, inv_norm, stride, padding, b):
+        out = F.conv2d(x, weight, None, stride, padding)
+        factor = _bcos_factor(out, inv_norm, b)
+        ctx.save_for_backward(factor, weight)
+        ctx.geometry = (tuple(x.shape), stride, padding)
+        return out * factor
+
+    @staticmethod
+    def backward(ctx, gy):
+        factor, weight = ctx.saved_tensors
+        shape, stride, padding = ctx.geometry
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        g = gy * factor
+        # under autocast the forward convolution ran in the factor's dtype
+        gx = torch.nn.grad.conv2d_input(shape, weight.to(g.dtype), g, stride, padding)
+        return gx, None, None, None, None, None
 
 
 class BcosConv2d(DynamicLinearModule):
@@ -171,7 +218,20 @@ class BcosConv2d(DynamicLinearModule):
         return (total + 1e-6).sqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.conv2d(x, self.linear.unit_weight(), None, self.stride, self.padding)
+        weight = self.linear.unit_weight()
+        if (
+            self.explanation_mode
+            and self.b != 1
+            and self.max_out == 1
+            and not weight.requires_grad
+            and torch.is_grad_enabled()
+            and x.requires_grad
+        ):
+            # A frozen model explained at forward time (a teacher): keep the factor, not x.
+            with torch.no_grad():
+                inv_norm = self.patch_norms(x).reciprocal()
+            return _ExplainedConv.apply(x, weight, inv_norm, self.stride, self.padding, self.b)
+        out = F.conv2d(x, weight, None, self.stride, self.padding)
         if self.max_out > 1:
             out = out.unflatten(1, (self.out_channels, self.max_out)).amax(dim=2)
         if self.b == 1:
@@ -188,8 +248,7 @@ class BcosConv2d(DynamicLinearModule):
 
 class _NormedLinear(nn.Linear):
     def unit_weight(self) -> torch.Tensor:
-        w = self.weight
-        return w / torch.linalg.vector_norm(w, dim=1, keepdim=True)
+        return _unit_rows(self, 1)
 
 
 class BcosLinear(DynamicLinearModule):

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# GPU figures for e2kd in one go (designed for < 5 minutes on one recent NVIDIA GPU, no network).
+#
+#   bash benchmarks/gpu.sh            # on a machine with an NVIDIA GPU; figures go to $OUT (or ./gpu-figures)
+#   bash benchmarks/gpu.sh --dry-run  # the same sequence on the CPU with tiny models and sizes (a smoke test)
+#
+# 1. Step benchmark (python -m benchmarks.step) at 224 px, batch 128, bf16 autocast, channels-last:
+#    KD, live e2KD, frozen e2KD, lam=0 and explain_every=4 for ResNet-34 -> ResNet-18 (GradCAM),
+#    B-cos ResNet-34 -> B-cos ResNet-18 and B-cos DenseNet-169 -> B-cos ResNet-18.
+# 2. KD and e2KD for the B-cos pair with torch.compile of the student: variants whose double backward compile does not
+#    support fall back to eager, and the table says so ("compiled" marks the ones that compiled).
+# 3. Throughput of a short real distillation loop (python -m benchmarks.throughput, ~100 steps on
+#    synthetic 224 px images, data loading included) for the B-cos pair, KD and e2KD.
+#
+# Environment: PYTHON (default: the repository's .venv if present, else python3), OUT (output folder).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+if [[ $# -gt 0 ]]; then echo "usage: bash benchmarks/gpu.sh [--dry-run]" >&2; exit 2; fi
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+OUT="${OUT:-$PWD/gpu-figures}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ $DRY -eq 1 ]]; then
+  DEV=(--device cpu --threads 1)
+  SIZE=(--size 32 --batch 2 --classes 4)
+  STEPS=(--steps 1 --warmup 0)
+  TPUT_STEPS=(--steps 2 --warmup 1 --workers 0)
+  FAST="--amp bf16"  # bf16 autocast also runs on the CPU; channels-last and compile are GPU options here
+  GC=(--teacher resnet8_small --student resnet8_small)
+  BC=(--teacher bcos_resnet8_small --student bcos_resnet8_small)
+  DN=(--teacher bcos_resnet8_small --student bcos_resnet8_small)
+  COMPILE=""
+else
+  if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "gpu.sh: torch sees no CUDA device; run with --dry-run for the CPU smoke test" >&2
+    exit 1
+  fi
+  DEV=(--device cuda --threads 4)
+  SIZE=(--size 224 --batch 128 --classes 1000)
+  STEPS=(--steps 8 --warmup 2)
+  TPUT_STEPS=(--steps 100 --warmup 5 --workers 4)
+  FAST="--amp bf16 --channels-last"
+  GC=()
+  BC=()
+  DN=()
+  COMPILE="--compile"
+fi
+
+{
+  echo "# e2kd GPU figures, $(date -u +%Y-%m-%dT%H:%M:%SZ), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  "$PYTHON" -c 'import torch; print("# torch", torch.__version__, "| device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/# nvidia-smi: /' || true
+} | tee "$OUT/summary.md"
+
+run() {  # run a command, copy its output to the summary; a failure is recorded, the rest still runs
+  local name=$1; shift
+  echo "" | tee -a "$OUT/summary.md"
+  echo "## $name" | tee -a "$OUT/summary.md"
+  echo "    $*" | tee -a "$OUT/summary.md"
+  local start=$SECONDS
+  if ! "$@" 2>"$OUT/$name.stderr" | tee -a "$OUT/summary.md"; then
+    echo "FAILED ($name): see $name.stderr" | tee -a "$OUT/summary.md"
+    tail -n 20 "$OUT/$name.stderr" | sed 's/^/    /' | tee -a "$OUT/summary.md"
+  fi
+  echo "(took $((SECONDS - start)) s)" | tee -a "$OUT/summary.md"
+}
+
+# shellcheck disable=SC2086
+run step_gradcam "$PYTHON" -m benchmarks.step --pair gradcam "${GC[@]}" "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --json "$OUT/step_gradcam.json"
+# shellcheck disable=SC2086
+run step_bcos "$PYTHON" -m benchmarks.step --pair bcos "${BC[@]}" "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --json "$OUT/step_bcos.json"
+# shellcheck disable=SC2086
+run step_bcos_densenet "$PYTHON" -m benchmarks.step --pair bcos_densenet "${DN[@]}" --variants kd,e2kd,frozen "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --json "$OUT/step_bcos_densenet.json"
+if [[ -n "$COMPILE" ]]; then
+  # shellcheck disable=SC2086
+  run step_compiled "$PYTHON" -m benchmarks.step --pair bcos --variants kd,e2kd "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST $COMPILE --json "$OUT/step_compiled.json"
+fi
+for lam in 0 1; do
+  # shellcheck disable=SC2086
+  run "throughput_bcos_lam$lam" "$PYTHON" -m benchmarks.throughput "${BC[@]}" --explainer bcos --lam "$lam" "${DEV[@]}" "${SIZE[@]}" "${TPUT_STEPS[@]}" $FAST --json "$OUT/throughput_bcos_lam$lam.json"
+done
+
+echo "" | tee -a "$OUT/summary.md"
+echo "figures in $OUT" | tee -a "$OUT/summary.md"

@@ -1,0 +1,257 @@
+"""The structural properties behind the step-time figures (not timed).
+
+GradCAM teachers build no graph below the explained layer; the student runs one forward pass
+per step; ``lam=0`` and the frozen path compute no explanation / run no teacher; B-cos
+explanation backward passes compute input gradients only (no weight gradient in any
+convolution backward) and the teacher keeps neither parameter gradients nor its graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import e2kd
+from e2kd.bcos import BcosExplainer
+from e2kd.bcos.layers import BcosConv2d
+from e2kd.explain.gradcam import GradCAM
+from e2kd.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConvBackwardLog(TorchDispatchMode):
+    """Records the output mask (input, weight, bias) of every convolution backward it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+        self.forwards = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.convolution_backward.default:
+            self.masks.append(tuple(bool(m) for m in args[-1]))
+        elif func is torch.ops.aten.convolution.default:
+            self.forwards += 1
+        return func(*args, **kwargs)
+
+
+def _count_calls(module):
+    calls = [0]
+    handle = module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls, handle
+
+
+def _pair(kind):
+    if kind == "gradcam":
+        return (create_model("resnet8_small", num_classes=5, width=8).eval(),
+                create_model("resnet8_small", num_classes=5, width=4), "gradcam")
+    return (create_model("bcos_resnet8_small", num_classes=5, width=6).eval(),
+            create_model("bcos_resnet8_small", num_classes=5, width=4), "bcos")
+
+
+def test_gradcam_teacher_builds_no_graph_below_the_explained_layer():
+    teacher, _, _ = _pair("gradcam")
+    with_grad = []
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: with_grad.append(name) if out.requires_grad else None)
+        for name, m in teacher.named_modules()
+        if name
+    ]
+    x = torch.rand(3, 3, 16, 16)
+    with ConvBackwardLog() as log:
+        out = GradCAM()(teacher, x)
+    for h in handles:
+        h.remove()
+    # layer4's own output is replaced by a fresh leaf in its hook, so every module up to and
+    # including layer4 ran without autograd; only the head above it has a graph.
+    below = [n for n in with_grad if not n.startswith(("avgpool", "fc", "pool", "head", "linear"))]
+    assert below == [], f"modules below the explained layer recorded a graph: {below}"
+    assert with_grad, "the head above the explained layer must be differentiated"
+    assert log.masks == [], "no convolution may be differentiated for a GradCAM teacher on a ResNet"
+    assert out.maps.grad_fn is None and out.logits.grad_fn is None
+
+
+def test_gradcam_student_second_order_pass_spans_only_the_head():
+    _, student, _ = _pair("gradcam")
+    x = torch.rand(3, 3, 16, 16)
+    with ConvBackwardLog() as log:
+        out = GradCAM()(student, x, create_graph=True)
+    assert log.masks == [], "the GradCAM gradient must stop at the explained layer"
+    with ConvBackwardLog() as log:
+        out.maps.sum().backward()
+    # the map's gradient reaches every convolution below layer4 once (ordinary first-order backward)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in student.modules())
+    assert len(log.masks) == convs
+
+
+@pytest.mark.parametrize("kind", ["gradcam", "bcos"])
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_student_runs_one_forward_per_step(kind, lam):
+    teacher, student, explainer = _pair(kind)
+    distiller = e2kd.Distiller(teacher, student, explainer=explainer, lam=lam)
+    s_calls, h1 = _count_calls(student)
+    t_calls, h2 = _count_calls(teacher)
+    x = torch.rand(4, 3, 16, 16)
+    for step in range(1, 3):
+        distiller(x)["loss"].backward()
+        assert s_calls[0] == step
+        assert t_calls[0] == step
+    h1.remove(), h2.remove()
+
+
+@pytest.mark.parametrize("kind", ["gradcam", "bcos"])
+def test_lam0_computes_no_explanation(kind, monkeypatch):
+    teacher, student, explainer = _pair(kind)
+    distiller = e2kd.Distiller(teacher, student, explainer=explainer, lam=0.0)
+    explained = []
+    for ex in {id(distiller.teacher_explainer): distiller.teacher_explainer, id(distiller.student_explainer): distiller.student_explainer}.values():
+        original = ex.explain
+        monkeypatch.setattr(ex, "explain", lambda *a, _o=original, **k: explained.append(1) or _o(*a, **k))
+    x = torch.rand(4, 3, 16, 16)
+    with ConvBackwardLog() as log:
+        out = distiller(x)
+        out["loss"].backward()
+    assert explained == []
+    assert out["student_maps"] is None and out["teacher_maps"] is None
+    # one ordinary backward: each student convolution differentiated once, teacher none
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in student.modules())
+    assert len(log.masks) == convs
+    assert all(m[1] for m in log.masks), "every backward convolution must be the student's weight gradient"
+    # and lam=0 gives exactly the KD loss
+    with torch.no_grad():
+        kd = e2kd.kd_loss(student(x), teacher(x), 1.0)
+    torch.testing.assert_close(out["loss"].detach(), kd)
+
+
+@pytest.mark.parametrize("kind", ["gradcam", "bcos"])
+def test_frozen_path_runs_no_teacher(kind):
+    teacher, student, explainer = _pair(kind)
+    x = torch.rand(4, 3, 16, 16)
+    live = e2kd.Distiller(teacher, student, explainer=explainer, lam=1.0)
+    with torch.no_grad():
+        ref = live(x)
+    logits, maps = ref["teacher_logits"], ref["teacher_maps"].half()
+    t_calls, handle = _count_calls(teacher)
+    # a Distiller built without a teacher, and one given stored outputs although it has one
+    for d in (e2kd.Distiller(None, student, explainer=explainer, lam=1.0), live):
+        out = d(x, teacher_logits=logits, teacher_maps=maps)
+        out["loss"].backward()
+        assert out["exp_loss"].item() > 0
+    handle.remove()
+    assert t_calls[0] == 0
+
+
+def test_bcos_teacher_explanation_keeps_no_parameter_gradient_and_no_graph():
+    teacher, _, _ = _pair("bcos")
+    x = torch.rand(3, 3, 16, 16)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    conv_inputs = []
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out: conv_inputs.append(inp[0]))  # kept alive: no reuse
+        for m in teacher.modules()
+        if isinstance(m, BcosConv2d)
+    ]
+    with ConvBackwardLog() as log, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = BcosExplainer()(teacher, x)
+    for h in handles:
+        h.remove()
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in teacher.modules())
+    assert len(log.masks) == convs, "one input-gradient convolution per teacher convolution"
+    assert all(m[0] and not m[1] for m in log.masks), f"weight gradients computed: {log.masks}"
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters()), "trainable flags must be restored"
+    assert out.maps.grad_fn is None and out.logits.grad_fn is None
+    params = {p.data_ptr() for p in teacher.parameters()}
+    assert not any(t.data_ptr() in params for t in saved), "no raw parameter may be kept for backward"
+    # B-cos convolutions keep (factor, unit weight), not their input activations.
+    assert len(conv_inputs) == convs
+    kept = {t.data_ptr() for t in saved}
+    assert not kept.intersection(t.data_ptr() for t in conv_inputs), "a convolution input was kept for backward"
+
+
+def test_bcos_student_explanation_backward_computes_input_gradients_only():
+    _, student, _ = _pair("bcos")
+    x = torch.rand(3, 3, 16, 16)
+    with ConvBackwardLog() as log:
+        out = BcosExplainer()(student, x, create_graph=True)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in student.modules())
+    assert log.forwards == convs, "one forward pass"
+    assert len(log.masks) == convs
+    assert all(m == (True, False, False) for m in log.masks), f"parameter gradients computed: {log.masks}"
+    assert all(p.grad is None for p in student.parameters())
+    assert out.maps.requires_grad
+
+
+def test_frozen_teacher_unit_weights_follow_weight_updates():
+    teacher, _, _ = _pair("bcos")
+    teacher.requires_grad_(False)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        before = teacher(x)
+        for p in teacher.parameters():
+            p.mul_(1.5 if p.dim() == 4 else 1.0)  # rescaling filters leaves unit-norm rows unchanged
+        same = teacher(x)
+        conv = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.weight.add_(torch.randn_like(conv.weight))  # a real change must be seen
+        changed = teacher(x)
+    torch.testing.assert_close(same, before)
+    assert not torch.allclose(changed, before)
+    # and a state_dict load (in-place copy) is seen as well
+    other = _pair("bcos")[0]
+    teacher.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), other(x))
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+@pytest.mark.slow
+def test_step_benchmark_measures_per_variant_rss_on_cpu(tmp_path):
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, "-m", "benchmarks.step", "--pair", "gradcam", "--teacher", "resnet8_small",
+           "--student", "resnet8_small", "--variants", "kd,frozen", "--size", "32", "--batch", "2", "--steps", "1",
+           "--warmup", "0", "--threads", "1", "--classes", "4", "--rss", "--json", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["pairs"]["gradcam"]
+    assert set(rows) == {"kd", "frozen"}
+    assert all(r["rss_mib"] > 0 for r in rows.values())
+    assert rows["kd"]["ratio_wall"] == 1.0
+
+
+def test_gpu_script_parses():
+    res = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900, env={**_env(), "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "FAILED" not in summary, summary[-3000:]
+    rows = json.loads((tmp_path / "step_bcos.json").read_text())["pairs"]["bcos"]
+    assert set(rows) == {"kd", "e2kd", "frozen", "lam0", "every4"}
+    # live e2KD keeps more for backward than KD (teacher input gradient + student double backward)
+    assert rows["e2kd"]["saved_mib"] > rows["kd"]["saved_mib"]
+    for name in ("step_gradcam", "step_bcos_densenet", "throughput_bcos_lam0", "throughput_bcos_lam1"):
+        assert (tmp_path / f"{name}.json").is_file(), name
+    tput = json.loads((tmp_path / "throughput_bcos_lam1.json").read_text())
+    assert tput["images_per_s"] > 0 and tput["steps"] == 2
