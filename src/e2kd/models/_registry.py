@@ -51,7 +51,7 @@ def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3, **kwa
 
 def _load_all() -> None:
     # Importing the families registers their models; B-cos models live in e2kd.bcos.
-    from . import resnet_small, torchvision_models  # noqa: F401
+    from . import efficientnet_lite, resnet_small, torchvision_models  # noqa: F401
 
     try:
         import e2kd.bcos.models  # noqa: F401

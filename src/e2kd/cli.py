@@ -1,0 +1,126 @@
+"""The ``e2kd`` command line.
+
+Every subcommand is one small function registered with :func:`command`; its first docstring
+line is its one-line help in ``e2kd --help``. Commands that run an experiment take a YAML
+config plus dotted overrides: ``e2kd distill configs/fmnist/e2kd_gradcam.yaml distill.lam=5 seed=2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["main", "command"]
+
+_COMMANDS: Dict[str, Tuple[Callable[[argparse.Namespace], int], Optional[Callable[[argparse.ArgumentParser], None]]]] = {}
+
+
+def command(name: str, *, arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None):
+    """Register ``fn(args) -> exit code`` as subcommand ``name``; ``arguments(parser)`` adds its options."""
+
+    def deco(fn):
+        if name in _COMMANDS:
+            raise ValueError(f"command {name!r} is already registered")
+        _COMMANDS[name] = (fn, arguments)
+        return fn
+
+    return deco
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (configs/...)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.lam=5 seed=2")
+
+
+@command("train-teacher", arguments=_config_arguments)
+def _train_teacher(args) -> int:
+    """Train a teacher on labels (cross-entropy, or BCE for multi-label data)."""
+    from .train import load_config, run
+
+    run_dir = run(load_config(args.config, args.overrides), mode="teacher")
+    _print_results(run_dir)
+    return 0
+
+
+@command("distill", arguments=_config_arguments)
+def _distill(args) -> int:
+    """Distil a teacher into a student with KD (distill.lam=0) or e²KD."""
+    from .train import load_config, run
+
+    run_dir = run(load_config(args.config, args.overrides), mode="distill")
+    _print_results(run_dir)
+    return 0
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help="a run folder (runs/NAME) or a config file with model.checkpoint set")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.eval_name=fashion_mnist")
+
+
+@command("evaluate", arguments=_evaluate_arguments)
+def _evaluate(args) -> int:
+    """Evaluate a trained model: accuracy, top-5, agreement and explanation similarity."""
+    from .train.evaluate_run import evaluate_target
+
+    out_path, results = evaluate_target(args.target, args.overrides)
+    if out_path is not None:
+        print(json.dumps(results, indent=2, sort_keys=True))
+        print(f"wrote {out_path}", file=sys.stderr)
+    return 0
+
+
+def _print_results(run_dir: Path) -> None:
+    path = Path(run_dir) / "results.json"
+    if int(os.environ.get("RANK", "0")) == 0 and path.is_file():
+        res = json.loads(path.read_text())
+        keys = ("accuracy", "top5", "agreement", "explanation_similarity", "teacher_accuracy", "worst_group_accuracy", "f1")
+        shown = ", ".join(f"{k} {res[k]:.4f}" for k in keys if isinstance(res.get(k), (int, float)))
+        print(f"{run_dir}: {shown}")
+
+
+def _summary(fn) -> str:
+    return (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    width = max(len(n) for n in _COMMANDS) + 2
+    listing = "\n".join(f"  {name:<{width}}{_summary(fn)}" for name, (fn, _) in _COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="e2kd",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Explanation-enhanced knowledge distillation (Parchami-Araghi et al., ECCV 2024).",
+        epilog=f"commands:\n{listing}\n\nRun 'e2kd COMMAND --help' for a command's arguments.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (fn, arguments) in _COMMANDS.items():
+        p = sub.add_parser(name, description=_summary(fn))
+        if arguments is not None:
+            arguments(p)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    fn, _ = _COMMANDS[args.command]
+    try:
+        return int(fn(args) or 0)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        if os.environ.get("E2KD_DEBUG"):
+            raise
+        print(f"e2kd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"e2kd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Datasets for a run and resumable, DDP-sharded batch streams.
+
+Order: epoch ``e`` visits the training set in the permutation drawn from ``(seed, e)``, in
+global batches of ``batch_size`` (the last incomplete batch is dropped); rank ``r`` of ``W``
+takes rows ``r·B/W … (r+1)·B/W`` of each global batch (what ``DistributedSampler`` does, but
+per batch, so the union of the ranks' batches is exactly the one-process batch). The position
+is a single integer (global batches drawn so far), saved in checkpoints; resuming skips to it
+without replaying data.
+
+In-memory datasets (``e2kd.data.InMemoryImageDataset``) are sliced as whole tensor batches
+(``dataset.batch``); other datasets go through a ``DataLoader`` with workers and pinned memory.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from .config import ExperimentConfig
+from .distributed import DistInfo
+
+__all__ = ["build_datasets", "TrainStream", "eval_batches"]
+
+
+def _build(name: str, split: str, *, root, image_size, seed, shots=None, val_per_class=0, limit=None, kwargs=None):
+    from ..data import build_dataset
+
+    kw = dict(kwargs or {})
+    ds = build_dataset(
+        name, split, root=root, image_size=image_size, seed=seed, shots=shots, val_per_class=val_per_class or None, **kw
+    )
+    if limit is not None and limit < len(ds):
+        if not hasattr(ds, "subset"):
+            raise ValueError(f"data limit needs a dataset with subset(); {name} has none")
+        sampling = getattr(ds, "sampling", None)
+        ds = ds.subset(torch.arange(limit), name=getattr(ds, "name", name))
+        if sampling is not None:
+            ds.sampling = dict(sampling, n=len(ds), limit=limit)
+    if len(ds) == 0:
+        raise ValueError(f"dataset {name!r} split {split!r} is empty; check data.root / data.shots / data.limit")
+    return ds
+
+
+def build_datasets(cfg: ExperimentConfig) -> Dict[str, object]:
+    """The training, evaluation (and, with ``val_per_class``, validation) datasets of a run."""
+    d = cfg.data
+    seed = cfg.seed if d.seed is None else d.seed
+    common = dict(root=d.root, image_size=d.image_size, seed=seed, kwargs=d.kwargs)
+    out = {
+        "train": _build(d.name, d.train_split, shots=d.shots, val_per_class=d.val_per_class, limit=d.limit, **common)
+    }
+    if d.val_per_class:
+        out["val"] = _build(d.name, "val", shots=d.shots, val_per_class=d.val_per_class, **common)
+    eval_name = d.eval_name or d.name
+    eval_common = dict(
+        root=d.eval_root if d.eval_name else d.root,
+        image_size=d.image_size,
+        seed=seed,
+        kwargs=d.eval_kwargs if d.eval_name else dict(d.kwargs, **d.eval_kwargs),
+    )
+    out["eval"] = _build(eval_name, d.eval_split, limit=d.eval_limit, **eval_common)
+    return out
+
+
+def _in_memory(ds, flag: Optional[bool]) -> bool:
+    has = callable(getattr(ds, "batch", None))
+    if flag and not has:
+        raise ValueError(f"data.in_memory=true but {type(ds).__name__} has no batch(); set data.in_memory=null")
+    return has if flag is None else bool(flag)
+
+
+def _collate_dicts(samples: List[dict]) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class TrainStream:
+    """Resumable training batches for this rank; see the module docstring."""
+
+    def __init__(self, ds, *, batch_size: int, seed: int, info: DistInfo, in_memory: Optional[bool], num_workers: int):
+        if batch_size % info.world_size:
+            raise ValueError(
+                f"optim.batch_size={batch_size} is the global batch and must divide evenly over "
+                f"{info.world_size} processes; use a multiple of {info.world_size}"
+            )
+        if len(ds) < batch_size:
+            raise ValueError(
+                f"the training set has {len(ds)} images, fewer than one batch of {batch_size}; "
+                f"lower optim.batch_size to at most {len(ds)}"
+            )
+        self.ds, self.batch_size, self.seed, self.info = ds, batch_size, seed, info
+        self.local = batch_size // info.world_size
+        self.per_epoch = len(ds) // batch_size
+        self.in_memory = _in_memory(ds, in_memory)
+        self.num_workers = num_workers
+        self.position = 0  # global batches drawn so far
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator()
+        g.manual_seed(int(self.seed) * 100_003 + int(epoch))
+        return torch.randperm(len(self.ds), generator=g)
+
+    def _rows(self, perm: torch.Tensor, i: int) -> torch.Tensor:
+        start = i * self.batch_size + self.info.rank * self.local
+        return perm[start : start + self.local]
+
+    def batches(self) -> Iterator[dict]:
+        """Endless batches from the current position; ``position`` counts them."""
+        while True:
+            epoch, i = divmod(self.position, self.per_epoch)
+            perm = self._perm(epoch)
+            if self.in_memory:
+                for j in range(i, self.per_epoch):
+                    batch = self.ds.batch(self._rows(perm, j))
+                    self.position += 1
+                    yield batch
+            else:
+                loader = torch.utils.data.DataLoader(
+                    self.ds,
+                    batch_sampler=[self._rows(perm, j).tolist() for j in range(i, self.per_epoch)],
+                    num_workers=self.num_workers,
+                    pin_memory=self.info.device.type == "cuda",
+                    collate_fn=_collate_dicts,
+                )
+                for batch in loader:
+                    self.position += 1
+                    yield batch
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.per_epoch
+
+
+def eval_batches(ds, *, batch_size: int, info: DistInfo, in_memory: Optional[bool], num_workers: int) -> Iterator[dict]:
+    """This rank's contiguous share of ``ds`` in order, in batches of ``batch_size``."""
+    n = len(ds)
+    per = -(-n // info.world_size)
+    lo, hi = min(info.rank * per, n), min((info.rank + 1) * per, n)
+    idx = torch.arange(lo, hi)
+    if _in_memory(ds, in_memory):
+        for s in range(0, len(idx), batch_size):
+            yield ds.batch(idx[s : s + batch_size])
+    else:
+        chunks = [idx[s : s + batch_size].tolist() for s in range(0, len(idx), batch_size)]
+        yield from torch.utils.data.DataLoader(
+            ds, batch_sampler=chunks, num_workers=num_workers, pin_memory=info.device.type == "cuda", collate_fn=_collate_dicts
+        )

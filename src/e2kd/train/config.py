@@ -1,0 +1,355 @@
+"""Typed experiment configuration: dataclasses checked by OmegaConf, YAML files hold values only.
+
+``load_config(path, overrides)`` reads a YAML file with a safe loader, merges dotted overrides
+(``distill.lam=5 seed=2``) and validates everything against :class:`ExperimentConfig`: an
+unknown key is an error that names it and suggests the closest valid key, an ill-typed value
+is an error that names the key and the expected type. Interpolations (``${...}``) are refused,
+so no config value is ever resolved or evaluated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+__all__ = [
+    "Amp",
+    "Augment",
+    "DataConfig",
+    "DistillConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "GuidanceConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "OptimizerName",
+    "Schedule",
+    "TeacherConfig",
+    "load_config",
+    "save_config",
+    "config_from_dict",
+    "to_dict",
+]
+
+
+class OptimizerName(str, Enum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Amp(str, Enum):
+    none = "none"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Augment(str, Enum):
+    """Batched augmentations applied by the trainer to whole tensor batches.
+
+    ``none``; ``flip`` (horizontal flip, p=0.5); ``crop_flip`` (pad by 1/8 of the side, random
+    crop back, flip: the CIFAR recipe); ``rrc_flip`` (random resized crop, scale 0.08–1,
+    ratio 3/4–4/3, resampled bilinearly to the input size, then flip: the ImageNet recipe).
+    """
+
+    none = "none"
+    flip = "flip"
+    crop_flip = "crop_flip"
+    rrc_flip = "rrc_flip"
+
+
+@dataclass
+class DataConfig:
+    """What to train and evaluate on; passed to ``e2kd.data.build_dataset``."""
+
+    name: str = "fashion_mnist"
+    root: Optional[str] = None
+    image_size: Optional[int] = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    shots: Optional[int] = None  # images per class drawn (seeded) from the training split
+    seed: Optional[int] = None  # seed of the dataset generation and shot selection; None: the run's seed
+    val_per_class: int = 0  # images per class held out of train for validation
+    limit: Optional[int] = None  # first N training images (smoke runs)
+    eval_limit: Optional[int] = None  # first N evaluation images
+    eval_name: Optional[str] = None  # "distil on A, evaluate on B": B's dataset name
+    eval_root: Optional[str] = None
+    augment: Augment = Augment.flip
+    in_memory: Optional[bool] = None  # None: stack small datasets into tensors once
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra build_dataset arguments
+    eval_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """A registered model (``e2kd.models.create_model``); in ``distill`` this is the student."""
+
+    name: str = "resnet8_small"
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None  # initial weights (file or run folder)
+    source: str = "auto"  # key layout of the checkpoint: auto | e2kd | torchvision | timm | bcos
+    reset_head: bool = False  # load everything but the classifier (fine-tune e.g. ImageNet weights)
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher of a distillation: a registered model and its weights."""
+
+    name: Optional[str] = None  # None: read from the run folder given as checkpoint
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None  # weights file or a train-teacher run folder
+    source: str = "auto"
+    num_classes: Optional[int] = None  # None: the training dataset's (or the run's) class count
+    frozen: Optional[str] = None  # frozen-explanation store (e2kd freeze); not read by this trainer yet
+
+
+@dataclass
+class DistillConfig:
+    """e²KD settings: ``loss = kd + lam · exp (+ gt_weight · CE)``; ``lam=0`` is plain KD."""
+
+    explainer: str = "gradcam"
+    explainer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    teacher_explainer: Optional[str] = None  # None: the same explainer for both models
+    teacher_explainer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    lam: float = 1.0
+    temperature: float = 1.0
+    explain_every: int = 1
+    gt_weight: float = 0.0
+    multilabel: Optional[bool] = None  # None: from the dataset
+
+
+@dataclass
+class GuidanceConfig:
+    """Model guidance for teacher training (Rao et al., ICCV 2023; ``e2kd.guidance.GuidanceLoss``):
+    ``loss = CE (or BCE) + weight · localisation loss`` on the dataset's object masks.
+    ``kind=null`` trains on labels alone."""
+
+    kind: Optional[str] = None  # null | energy (for EPG) | l1 (for IoU)
+    weight: float = 1.0
+    explainer: str = "gradcam"
+    explainer_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation extras. On datasets with object masks, the energy pointing game and IoU of
+    the model's (and the teacher's) explanations for the true / present classes
+    (``e2kd.metrics.LocalisationMeter``)."""
+
+    localisation: bool = True
+    explainer: Optional[str] = None  # None: distill.explainer ("bcos" scores its contribution maps)
+    explainer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    iou_rule: str = "fraction_of_max"
+    iou_value: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
+    epochs: int = 1
+    max_steps: Optional[int] = None  # optimiser steps; replaces epochs when set
+    batch_size: int = 32  # global batch per forward pass (split over DDP ranks)
+    grad_accum: int = 1
+    schedule: Schedule = Schedule.cosine
+    warmup_epochs: float = 0.0
+    warmup_steps: int = 0  # added to warmup_epochs
+    min_lr: float = 0.0
+    grad_clip: Optional[float] = None  # max global gradient norm
+    agc_clip: Optional[float] = None  # adaptive gradient clipping factor (Brock et al., 2021)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    amp: Amp = Amp.none
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_every: int = 0  # optimiser steps; 0: only at the end (and on SIGTERM/Ctrl-C)
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | none | path to a checkpoint file
+    deterministic: bool = False
+    num_workers: int = 0
+    log_every: int = 10
+    eval_batch_size: Optional[int] = None
+    progress: bool = True
+    tensorboard: bool = False
+
+
+def _valid_keys(node: Any) -> List[str]:
+    return [f.name for f in fields(node)] if is_dataclass(node) else []
+
+
+def _section(path: Sequence[str]):
+    node: Any = ExperimentConfig
+    for part in path:
+        sub = {f.name: f for f in fields(node)} if is_dataclass(node) else {}
+        if part not in sub:
+            return None
+        node = sub[part].type
+        if isinstance(node, str):  # postponed annotations
+            node = _TYPES.get(node, None)
+    return node
+
+
+_TYPES = {
+    "DataConfig": DataConfig,
+    "ModelConfig": ModelConfig,
+    "TeacherConfig": TeacherConfig,
+    "DistillConfig": DistillConfig,
+    "GuidanceConfig": GuidanceConfig,
+    "EvalConfig": EvalConfig,
+    "OptimConfig": OptimConfig,
+}
+
+
+def _unknown_key_message(full_key: str, where: str) -> str:
+    parts = full_key.split(".")
+    parent = _section(parts[:-1])
+    valid = _valid_keys(parent) if parent is not None else _valid_keys(ExperimentConfig)
+    prefix = ".".join(parts[:-1])
+    close = difflib.get_close_matches(parts[-1], valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+    return f"unknown config key {full_key!r} in {where}{hint} Valid keys{' of ' + prefix if prefix else ''}: {', '.join(valid)}"
+
+
+def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        raise ValueError(_unknown_key_message(str(err.full_key), where)) from None
+    except ValidationError as err:
+        msg = str(err).splitlines()[0]
+        raise ValueError(f"invalid value for config key {err.full_key!r} in {where}: {msg}") from None
+    except OmegaConfBaseException as err:
+        raise ValueError(f"invalid configuration in {where}: {str(err).splitlines()[0]}") from None
+
+
+def _refuse_interpolations(obj: Any, where: str, key: str = "") -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _refuse_interpolations(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _refuse_interpolations(v, where, f"{key}[{i}]")
+    elif isinstance(obj, str) and "${" in obj:
+        raise ValueError(
+            f"config key {key!r} in {where} holds an interpolation ({obj!r}); configs hold plain values only"
+        )
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``"distill.lam=5"`` -> ``{"distill": {"lam": 5}}`` (the value read as a YAML scalar)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key=value (for example distill.lam=5)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p.isidentifier() for p in key.split(".")):
+        raise ValueError(f"override {text!r}: {key!r} is not a dotted config key")
+    parsed = yaml.safe_load(value) if value.strip() else None
+    out: Dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = parsed
+    return out
+
+
+def config_from_dict(values: Optional[dict] = None, overrides: Sequence[str] = (), where: str = "the config") -> ExperimentConfig:
+    """Validate plain ``values`` (plus dotted ``overrides``) into an :class:`ExperimentConfig`."""
+    cfg = OmegaConf.structured(ExperimentConfig)
+    if values:
+        if not isinstance(values, dict):
+            raise ValueError(f"{where} must be a mapping of config keys, got {type(values).__name__}")
+        _refuse_interpolations(values, where)
+        cfg = _merge(cfg, values, where)
+    for text in overrides:
+        patch = parse_override(text)
+        _refuse_interpolations(patch, f"override {text!r}")
+        cfg = _merge(cfg, patch, f"override {text!r}")
+    obj = OmegaConf.to_object(cfg)
+    _check_values(obj)
+    return obj
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML config file safely and apply dotted overrides; see the module docstring."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist (configs live in configs/, e.g. configs/fmnist/teacher.yaml)")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    return config_from_dict(values or {}, overrides, where=str(path))
+
+
+def _check_values(cfg: ExperimentConfig) -> None:
+    o, d = cfg.optim, cfg.distill
+    checks = [
+        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
+        (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}"),
+        (o.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {o.grad_accum}"),
+        (o.epochs >= 1 or o.max_steps is not None, f"optim.epochs must be >= 1, got {o.epochs}"),
+        (o.max_steps is None or o.max_steps >= 1, f"optim.max_steps must be >= 1, got {o.max_steps}"),
+        (o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0, got {o.grad_clip}"),
+        (o.agc_clip is None or o.agc_clip > 0, f"optim.agc_clip must be > 0, got {o.agc_clip}"),
+        (o.warmup_epochs >= 0 and o.warmup_steps >= 0, "optim.warmup_epochs and optim.warmup_steps must be >= 0"),
+        (d.lam >= 0, f"distill.lam must be >= 0, got {d.lam}"),
+        (d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}"),
+        (d.explain_every >= 1, f"distill.explain_every must be >= 1, got {d.explain_every}"),
+        (cfg.guidance.kind in (None, "energy", "l1"), f"guidance.kind must be null, energy or l1, got {cfg.guidance.kind!r}"),
+        (cfg.guidance.weight >= 0, f"guidance.weight must be >= 0, got {cfg.guidance.weight}"),
+        (d.gt_weight >= 0, f"distill.gt_weight must be >= 0, got {d.gt_weight}"),
+        (cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}"),
+        (cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}"),
+        (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
+        (cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}"),
+        (cfg.data.shots is None or cfg.data.shots >= 1, f"data.shots must be >= 1, got {cfg.data.shots}"),
+        (cfg.data.val_per_class >= 0, f"data.val_per_class must be >= 0, got {cfg.data.val_per_class}"),
+        (cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit must be >= 1, got {cfg.data.limit}"),
+        (bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),
+         f"name must be a plain folder name, got {cfg.name!r}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    """Plain (YAML-ready) values of a config; enums become their names."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from .runfolder import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,81 @@
+"""``e2kd evaluate``: evaluate a finished run folder, or a model file named in a config."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from .batches import build_datasets
+from .build import build_explainers, build_model, build_teacher, load_model_file
+from .config import ExperimentConfig, load_config
+from .distributed import init_distributed, shutdown
+from .loop import _amp_dtype, evaluate_model
+from .runfolder import atomic_write_json
+
+__all__ = ["evaluate_target"]
+
+
+def _has_teacher(cfg: ExperimentConfig) -> bool:
+    return cfg.teacher.checkpoint is not None or bool(cfg.teacher.kwargs.get("pretrained", False))
+
+
+def evaluate_target(target: str, overrides: Sequence[str] = ()) -> Tuple[Optional[Path], Dict[str, Any]]:
+    """Evaluate ``target`` (run folder or config file); write ``eval_<dataset>_<split>.json``.
+
+    Returns the written path (None on ranks other than 0) and the results.
+    """
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(f"{target!r} is a folder without config.yaml; give an e2kd run folder or a config file")
+        cfg = load_config(path / "config.yaml", overrides)
+        run_dir = path
+    else:
+        cfg = load_config(path, overrides)
+        run_dir = Path(cfg.output_dir) / cfg.name
+    info = init_distributed(cfg.device)
+    try:
+        data = build_datasets(cfg)
+        data.pop("train")
+        ds = data["eval"]
+        in_chans = int(ds.in_chans)
+        if path.is_dir():
+            model = load_model_file(path, in_chans=in_chans)
+        else:
+            if cfg.model.checkpoint is None:
+                raise ValueError("evaluate with a config needs model.checkpoint (a weights file or run folder)")
+            ckpt = Path(cfg.model.checkpoint)
+            if ckpt.is_dir() or ckpt.suffix == ".safetensors" and _has_record(ckpt):
+                model = load_model_file(ckpt, in_chans=in_chans)
+            else:
+                from ..models.weights import load_weights
+
+                model = build_model(cfg.model.name, cfg.model.kwargs, num_classes=int(ds.num_classes), in_chans=in_chans)
+                load_weights(model, ckpt, source=cfg.model.source)
+        teacher = explainers = None
+        if _has_teacher(cfg):
+            teacher = build_teacher(cfg, num_classes=int(ds.num_classes), in_chans=in_chans).to(info.device)
+            explainers = build_explainers(cfg.distill)
+        model.to(info.device)
+        multilabel = bool(cfg.distill.multilabel if cfg.distill.multilabel is not None else getattr(ds, "multilabel", False))
+        results = evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, _amp_dtype(cfg, info.device))
+        out = None
+        if info.is_main:
+            tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.data.eval_name or cfg.data.name}_{cfg.data.eval_split}")
+            out = run_dir / f"eval_{tag}.json"
+            atomic_write_json(out, results)
+        return out, results
+    finally:
+        shutdown(info)
+
+
+def _has_record(path: Path) -> bool:
+    from .build import read_record
+
+    from safetensors import SafetensorError
+
+    try:
+        return read_record(path) is not None
+    except (SafetensorError, OSError, ValueError):  # not a safetensors file: read it as plain weights
+        return False

@@ -1,0 +1,571 @@
+"""The training loop: teacher training on labels and distillation through :class:`e2kd.Distiller`.
+
+``run(cfg, mode="teacher" | "distill")`` builds and checks everything first (datasets, models,
+teacher weights, a dry run of the explainers on two images), so a bad config fails before any
+step. Then it trains, checkpoints atomically every ``checkpoint_every`` steps, on SIGTERM /
+Ctrl-C and at the end, evaluates, and writes the run folder (see :mod:`e2kd.train.runfolder`).
+
+One optimiser step = ``grad_accum`` forward passes of ``optim.batch_size`` images (the global
+batch, split over DDP ranks), each followed by one ordinary ``loss.backward()``; the
+distillation loss is ``Distiller(x)["loss"] + gt_weight · CE(student, label)``.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distiller import Distiller
+from .augment import augment_batch
+from .batches import TrainStream, build_datasets, eval_batches
+from .build import build_explainers, build_model, build_teacher, load_model_file, model_record, save_model
+from .checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from .config import Amp, ExperimentConfig, save_config, to_dict
+from .distributed import DistInfo, all_reduce_sum, broadcast_flag, init_distributed, shutdown
+from .evaluate import evaluate
+from .optim import WarmupCosine, adaptive_grad_clip_, build_optimizer, grad_norm
+from .runfolder import MetricsLog, atomic_write_json, environment_record
+
+__all__ = ["run", "NonFiniteLossError", "RunContext"]
+
+MODES = ("teacher", "distill")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term (or the gradient) became NaN/inf; the run stops without updating weights."""
+
+
+@dataclass
+class RunContext:
+    """What callbacks see: ``on_after_backward(ctx)`` and ``on_step_end(ctx)``."""
+
+    cfg: ExperimentConfig
+    info: DistInfo
+    run_dir: Path
+    model: nn.Module  # the raw (unwrapped) trained model
+    teacher: Optional[nn.Module] = None
+    step: int = 0
+    total_steps: int = 0
+    last: Dict[str, float] = field(default_factory=dict)  # this step's loss terms (this rank)
+
+
+def _amp_dtype(cfg: ExperimentConfig, device: torch.device) -> Optional[torch.dtype]:
+    if cfg.amp == Amp.none:
+        return None
+    if cfg.amp == Amp.fp16 and device.type != "cuda":
+        raise ValueError("amp=fp16 needs a CUDA GPU (it uses a gradient scaler); use amp=bf16 or amp=none on the CPU")
+    return torch.bfloat16 if cfg.amp == Amp.bf16 else torch.float16
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    import os
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+class _StopRequest:
+    """SIGTERM / first Ctrl-C set a flag; the loop saves a checkpoint at the next step boundary.
+
+    A second Ctrl-C raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self):
+        self.flag = False
+        self.signal_name = ""
+        self._old: Dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+        self.signal_name = signal.Signals(signum).name
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handler)
+        try:
+            yield self
+        finally:
+            for s, h in self._old.items():
+                signal.signal(s, h)
+
+
+def _call(callbacks: Sequence[object], name: str, ctx: RunContext) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, name, None)
+        if fn is not None:
+            fn(ctx)
+
+
+def _dry_run(model: nn.Module, teacher: Optional[nn.Module], explainers, x: torch.Tensor, multilabel: bool) -> None:
+    """Explain two images with every model before training: bad layers, class-count or channel
+    mismatches fail here, with the explainer's own message."""
+    was = model.training
+    model.eval()
+    try:
+        if teacher is None:
+            with torch.no_grad():
+                model(x)
+            return
+        t_exp, s_exp = explainers
+        te = t_exp(teacher, x, None, create_graph=False)
+        with torch.no_grad():
+            s_logits = model(x)
+        if s_logits.shape[-1] != te.logits.shape[-1]:
+            raise ValueError(
+                f"teacher has {te.logits.shape[-1]} classes but the student has {s_logits.shape[-1]}; "
+                f"build the student with num_classes={te.logits.shape[-1]}"
+            )
+        s_exp(model, x, te.target, create_graph=False)
+    finally:
+        model.train(was)
+
+
+def _resolve_resume(cfg: ExperimentConfig, ckpt_dir: Path) -> Optional[Path]:
+    if cfg.resume == "none":
+        found = latest_checkpoint(ckpt_dir)
+        if found is not None:
+            raise ValueError(
+                f"run folder {str(ckpt_dir.parent)!r} already holds checkpoints ({found.name}); continue it with "
+                "resume=auto, or choose another name= (or delete the folder) to start over"
+            )
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(ckpt_dir)
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file; use resume=auto or resume=none")
+    return path
+
+
+def _check_same_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    new = to_dict(cfg)
+    ignore = {"resume", "progress", "num_workers", "log_every", "device", "tensorboard", "checkpoint_every",
+              "keep_checkpoints", "eval_batch_size", "eval"}
+    diff = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+    if diff:
+        raise ValueError(
+            f"resuming {str(run_dir)!r} with a different config (changed: {', '.join(diff)}); "
+            "rerun with the original values, or choose another name= to start a new run"
+        )
+
+
+def _tqdm(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, leave=True)
+
+
+def run(cfg: ExperimentConfig, *, mode: str, callbacks: Sequence[object] = ()) -> Path:
+    """Train (``mode="teacher"``) or distil (``mode="distill"``) as configured; returns the run folder."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    info = init_distributed(cfg.device)
+    try:
+        return _run(cfg, mode, info, callbacks)
+    finally:
+        shutdown(info)
+
+
+def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[object]) -> Path:
+    t_start = time.time()
+    _seed_everything(cfg.seed, cfg.deterministic)
+    device = info.device
+    amp_dtype = _amp_dtype(cfg, device)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+
+    # ---- data --------------------------------------------------------------------------
+    data = build_datasets(cfg)
+    train_ds, eval_ds = data["train"], data["eval"]
+    in_chans = int(train_ds.in_chans)
+    multilabel = bool(cfg.distill.multilabel if cfg.distill.multilabel is not None else getattr(train_ds, "multilabel", False))
+
+    # ---- models ------------------------------------------------------------------------
+    teacher = None
+    explainers = None
+    if mode == "distill":
+        teacher = build_teacher(cfg, num_classes=int(train_ds.num_classes), in_chans=in_chans)
+        num_classes = int(model_record(teacher).get("num_classes") or train_ds.num_classes)
+        explainers = build_explainers(cfg.distill)
+    else:
+        num_classes = int(train_ds.num_classes)
+    if int(eval_ds.num_classes) != num_classes:
+        raise ValueError(
+            f"the evaluation data ({cfg.data.eval_name or cfg.data.name}) has {eval_ds.num_classes} classes but the "
+            f"{'teacher' if mode == 'distill' else 'model'} has {num_classes}; evaluate on data with the same classes"
+        )
+    if int(eval_ds.in_chans) != in_chans:
+        raise ValueError(f"training images have {in_chans} channels but evaluation images have {eval_ds.in_chans}")
+    model = build_model(cfg.model.name, cfg.model.kwargs, num_classes=num_classes, in_chans=in_chans)
+    if cfg.model.checkpoint:
+        from ..models.weights import load_weights
+
+        load_weights(
+            model, cfg.model.checkpoint, source=cfg.model.source, what=f"model.checkpoint {cfg.model.checkpoint!r}",
+            reset_head=cfg.model.reset_head,
+        )
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
+    n_probe = min(2, len(train_ds))
+    if callable(getattr(train_ds, "batch", None)):
+        probe = train_ds.batch(torch.arange(n_probe))
+    else:
+        probe = {k: torch.stack(v) for k, v in _stack_samples([train_ds[i] for i in range(n_probe)]).items()}
+    _dry_run(model, teacher, explainers, probe["image"].to(device), multilabel)
+
+    guidance = None
+    if cfg.guidance.kind is not None:
+        if mode != "teacher":
+            raise ValueError("guidance.* (model guidance) applies to train-teacher; set guidance.kind=null for distill")
+        if "mask" not in probe:
+            raise ValueError(
+                f"guidance.kind={cfg.guidance.kind} needs object masks, but {cfg.data.name} has none; "
+                "use a dataset with masks (tuxbirds, tuxscenes, fashion_mnist, synthetic) or guidance.kind=null"
+            )
+        from ..guidance import GuidanceLoss
+
+        guidance = GuidanceLoss(
+            kind=cfg.guidance.kind,
+            explainer={"name": cfg.guidance.explainer, **cfg.guidance.explainer_kwargs},
+            weight=cfg.guidance.weight,
+            generator=torch.Generator(),
+        )
+
+    if guidance is not None:  # a bad guidance explainer fails here, before the first step
+        was = model.training
+        model.eval()
+        try:
+            guidance(model, probe["image"].to(device), probe["label"].to(device), probe["mask"].to(device))
+        finally:
+            model.train(was)
+        model.zero_grad(set_to_none=True)
+
+    stream = TrainStream(
+        train_ds, batch_size=cfg.optim.batch_size, seed=cfg.seed, info=info, in_memory=cfg.data.in_memory, num_workers=cfg.num_workers
+    )
+    accum = cfg.optim.grad_accum
+    steps_per_epoch = max(stream.per_epoch // accum, 1)
+    total = cfg.optim.max_steps if cfg.optim.max_steps is not None else cfg.optim.epochs * steps_per_epoch
+    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch)) + cfg.optim.warmup_steps
+
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    sched = WarmupCosine(optimizer, lr=cfg.optim.lr, total=total, warmup=warmup, min_lr=cfg.optim.min_lr, schedule=cfg.optim.schedule)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == Amp.fp16 else None
+
+    # ---- resume ------------------------------------------------------------------------
+    step = 0
+    log_acc: Dict[str, float] = {}
+    calls = 0
+    resume_from = _resolve_resume(cfg, ckpt_dir)
+    if resume_from is not None:
+        if cfg.resume == "auto":
+            _check_same_config(run_dir, cfg)
+        tensors, meta = load_checkpoint(resume_from)
+        state = restore(tensors, meta, model=model, optimizer=optimizer)
+        step = int(state["step"])
+        stream.position = int(state["position"])
+        sched.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        log_acc = dict(state.get("log_acc", {}))
+        calls = int(state.get("distiller_calls", 0))
+    net: nn.Module = model
+    if cfg.compile:
+        net = torch.compile(net)
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    distiller = None
+    if mode == "distill":
+        d = cfg.distill
+        distiller = Distiller(
+            teacher, net, explainer=explainers, lam=d.lam, temperature=d.temperature, explain_every=d.explain_every, multilabel=multilabel
+        )
+        distiller.calls = calls
+
+    # ---- run folder --------------------------------------------------------------------
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        sampling = {k: getattr(v, "sampling", None) for k, v in data.items()}
+        hashes = {
+            k: {"name": getattr(v, "name", None), "n": len(v), "content_hash": v.content_hash() if hasattr(v, "content_hash") else None}
+            for k, v in data.items()
+        }
+        atomic_write_json(
+            run_dir / "env.json",
+            environment_record(
+                data={"sampling": sampling, "datasets": hashes},
+                extra={"world_size": info.world_size, "mode": mode, "resumed_from": str(resume_from) if resume_from else None},
+            ),
+        )
+        metrics.truncate_after(step)
+    writer = None
+    if cfg.tensorboard and info.is_main:
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    ctx = RunContext(cfg=cfg, info=info, run_dir=run_dir, model=model, teacher=teacher, step=step, total_steps=total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = stream.batches()
+
+    def save(final: bool = False) -> Optional[Path]:
+        state = {
+            "step": step,
+            "position": stream.position,
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "log_acc": log_acc,
+            "distiller_calls": distiller.calls if distiller is not None else 0,
+            "finished": final,
+        }
+        if info.is_main:
+            return save_checkpoint(ckpt_dir, step=step, model=model, optimizer=optimizer, state=state, keep=cfg.keep_checkpoints)
+        return None
+
+    def forward_loss(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
+            if distiller is not None:
+                out = distiller(x)
+                terms = {"kd_loss": out["kd_loss"], "exp_loss": out["exp_loss"]}
+                loss = out["loss"]
+                if cfg.distill.gt_weight > 0:
+                    gt = _label_loss(out["student_logits"].float(), y, multilabel)
+                    terms["gt_loss"] = gt.detach()
+                    loss = loss + cfg.distill.gt_weight * gt
+                terms["agreement"] = out["agreement"]
+            elif guidance is not None:
+                # Multi-label class draws depend on (seed, data position) only: resumable.
+                guidance.generator.manual_seed(cfg.seed * 1_000_003 + stream.position)
+                out = guidance(net, x, y, batch["mask"].to(device, non_blocking=True))
+                loss = out["loss"]
+                terms = {
+                    "cls_loss": out["cls_loss"],
+                    "guidance_loss": out["guidance_loss"],
+                    "zero_maps": out["zero_maps"],
+                    "accuracy": _batch_accuracy(out["logits"].float(), y, multilabel),
+                }
+            else:
+                logits = net(x).float()
+                loss = _label_loss(logits, y, multilabel)
+                terms = {"accuracy": _batch_accuracy(logits, y, multilabel)}
+        out = {k: v.detach().float() for k, v in terms.items()}
+        out["loss"] = loss
+        return out
+
+    stop = _StopRequest()
+    bar = _tqdm(total, step, cfg.progress and info.is_main, f"{mode} {cfg.name}")
+    t_last = time.time()
+    last_ckpt: Optional[Path] = resume_from
+    model.train()
+    with stop.installed():
+        while step < total:
+            optimizer.zero_grad(set_to_none=True)
+            t0 = time.time()
+            data_time = 0.0
+            step_terms: Dict[str, float] = {}
+            for micro in range(accum):
+                td = time.time()
+                batch = next(batches)
+                if cfg.data.augment.value != "none":
+                    batch = augment_batch(
+                        batch, cfg.data.augment, seed=cfg.seed, step=stream.position - 1,
+                        offset=info.rank * stream.local, global_batch=cfg.optim.batch_size,
+                    )
+                data_time += time.time() - td
+                sync = net.no_sync() if info.enabled and micro < accum - 1 else nullcontext()
+                with sync:
+                    out = forward_loss(batch)
+                    _check_finite(out, step, info, last_ckpt)
+                    loss = out["loss"] / accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                for k, v in out.items():
+                    if k != "loss":
+                        step_terms[k] = step_terms.get(k, 0.0) + float(v) / accum
+                step_terms["loss"] = step_terms.get("loss", 0.0) + float(out["loss"].detach()) / accum
+            ctx.step, ctx.last = step, step_terms
+            _call(callbacks, "on_after_backward", ctx)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.optim.agc_clip is not None:
+                adaptive_grad_clip_(params, cfg.optim.agc_clip)
+            if cfg.optim.grad_clip is not None:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            else:
+                gnorm = grad_norm(params)
+            if not math.isfinite(float(gnorm)) and scaler is None:
+                raise NonFiniteLossError(
+                    f"step {step}: the gradient norm is {float(gnorm)} although every loss term was finite; the run stopped "
+                    f"before the update, weights were not changed; last good checkpoint: {last_ckpt or 'none'}. "
+                    "Lower optim.lr, set optim.grad_clip, or use amp=none"
+                )
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            sched.step()
+            step += 1
+            n_img = cfg.optim.batch_size * accum
+            for k, v in step_terms.items():
+                log_acc[k] = log_acc.get(k, 0.0) + v
+            log_acc["_steps"] = log_acc.get("_steps", 0.0) + 1
+            log_acc["_data_time"] = log_acc.get("_data_time", 0.0) + data_time
+            log_acc["_step_time"] = log_acc.get("_step_time", 0.0) + (time.time() - t0)
+            ctx.step = step
+            _call(callbacks, "on_step_end", ctx)
+            if step % cfg.log_every == 0 or step == total:
+                reduced = all_reduce_sum({k: v for k, v in log_acc.items() if not k.startswith("_")}, info)
+                ns = log_acc["_steps"]
+                elapsed = max(time.time() - t_last, 1e-9)
+                rec = {"step": step, "epoch": round(stream.epoch, 4), "split": "train", "lr": sched.value(step - 1)}
+                rec.update({k: v / (ns * info.world_size) for k, v in reduced.items()})
+                rec["images_per_s"] = ns * n_img / elapsed
+                rec["data_time"] = log_acc["_data_time"] / ns
+                rec["step_time"] = log_acc["_step_time"] / ns
+                if info.is_main:
+                    metrics.append(rec)
+                    if writer is not None:
+                        for k, v in rec.items():
+                            if isinstance(v, float):
+                                writer.add_scalar(f"train/{k}", v, step)
+                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "agreement", "accuracy", "images_per_s") if k in rec})
+                log_acc = {}
+                t_last = time.time()
+            bar.update(1)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                last_ckpt = save()
+            if broadcast_flag(stop.flag, info):
+                last_ckpt = save()
+                bar.close()
+                where = f"; checkpoint {last_ckpt}" if last_ckpt else ""
+                raise SystemExit(
+                    f"{stop.signal_name or 'stop request'} received: stopped after step {step} of {total}{where}. "
+                    "Run the same command again (resume=auto) to continue."
+                )
+    bar.close()
+    save(final=True)
+    if info.is_main:
+        save_model(run_dir / "model.safetensors", model)
+
+    # ---- evaluation --------------------------------------------------------------------
+    results = evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_dtype)
+    results.update(steps=step, epochs=round(stream.epoch, 4), wall_time_s=round(time.time() - t_start, 2), world_size=info.world_size)
+    if info.is_main:
+        for split in ("eval", "val"):
+            if split in results or split == "eval":
+                vals = results if split == "eval" else results[split]
+                metrics.append({"step": step, "split": split, **{k: v for k, v in vals.items() if isinstance(v, (int, float))}})
+        atomic_write_json(run_dir / "results.json", results)
+        if writer is not None:
+            writer.close()
+    return run_dir
+
+
+def evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_dtype) -> Dict[str, Any]:
+    """Metrics on the evaluation split (and ``val`` under ``results["val"]``)."""
+    bs = cfg.eval_batch_size or cfg.optim.batch_size
+    results: Dict[str, Any] = {}
+    loc = None
+    if cfg.eval.localisation:
+        from .build import localisation_explainer
+
+        loc = localisation_explainer(cfg)
+    for split in ("eval", "val"):
+        if split not in data:
+            continue
+        ds = data[split]
+        res = evaluate(
+            model,
+            eval_batches(ds, batch_size=bs, info=info, in_memory=cfg.data.in_memory, num_workers=cfg.num_workers),
+            teacher=teacher,
+            explainers=explainers,
+            multilabel=multilabel,
+            group_names=getattr(ds, "group_names", None),
+            info=info,
+            amp_dtype=amp_dtype,
+            channels_last=cfg.channels_last,
+            localisation=loc,
+            localisation_kwargs={"iou_rule": cfg.eval.iou_rule, "iou_value": cfg.eval.iou_value},
+        )
+        if split == "eval":
+            res["dataset"] = getattr(ds, "name", cfg.data.eval_name or cfg.data.name)
+            results.update(res)
+        else:
+            results["val"] = res
+    return results
+
+
+def _stack_samples(samples):
+    return {k: [s[k] for s in samples] for k in samples[0]}
+
+
+def _label_loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Cross-entropy on class labels, or binary cross-entropy on multi-hot labels."""
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits, y.float())
+    return F.cross_entropy(logits, y)
+
+
+def _batch_accuracy(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    top1 = logits.detach().argmax(dim=1)
+    if multilabel:
+        return (y.float() > 0.5).gather(1, top1[:, None]).float().mean()
+    return (top1 == y).float().mean()
+
+
+def _check_finite(out: Dict[str, torch.Tensor], step: int, info: DistInfo, last_ckpt: Optional[Path]) -> None:
+    bad = {k: float(v.detach()) for k, v in out.items() if k not in ("agreement", "zero_maps") and not torch.isfinite(v.detach()).all()}
+    if broadcast_flag(bool(bad), info) and not bad:
+        raise NonFiniteLossError(f"step {step}: another process met a non-finite loss; the run stopped (see its message)")
+    if bad:
+        term = next((k for k in ("kd_loss", "exp_loss", "gt_loss", "cls_loss", "guidance_loss", "loss") if k in bad), next(iter(bad)))
+        raise NonFiniteLossError(
+            f"step {step}: loss term {term!r} is {bad[term]} (all non-finite terms: {bad}); the run stopped before the "
+            f"update, so no weights were changed; last good checkpoint: {last_ckpt or 'none'}. "
+            "Lower optim.lr, enable optim.grad_clip, or check the teacher and the data"
+        )

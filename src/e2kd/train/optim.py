@@ -1,0 +1,101 @@
+"""Optimisers, the warm-up + cosine learning-rate schedule, and (adaptive) gradient clipping."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, List
+
+import torch
+from torch import nn
+
+from .config import OptimConfig, OptimizerName, Schedule
+
+__all__ = ["build_optimizer", "WarmupCosine", "adaptive_grad_clip_"]
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if cfg.name == OptimizerName.adam:
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == OptimizerName.adamw:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class WarmupCosine:
+    r"""Learning rate at optimiser step ``t`` (0-based) of ``total`` steps:
+
+    linear warm-up ``lr · (t + 1) / W`` for ``t < W``, then (cosine schedule)
+    ``min_lr + (lr − min_lr) · ½ (1 + cos(π (t − W) / (total − W)))``, or ``lr`` (constant).
+
+    The state is the step counter alone (``state_dict`` / ``load_state_dict``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, lr: float, total: int, warmup: int, min_lr: float, schedule: Schedule):
+        self.optimizer = optimizer
+        self.lr, self.total, self.warmup, self.min_lr = float(lr), int(total), int(warmup), float(min_lr)
+        self.schedule = schedule
+        self.step_count = 0
+        self._apply()
+
+    def value(self, t: int) -> float:
+        if t < self.warmup:
+            return self.lr * (t + 1) / self.warmup
+        if self.schedule == Schedule.constant:
+            return self.lr
+        span = max(self.total - self.warmup, 1)
+        progress = min(max((t - self.warmup) / span, 0.0), 1.0)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def _apply(self) -> None:
+        lr = self.value(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    @property
+    def current(self) -> float:
+        return self.value(self.step_count)
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self._apply()
+
+
+def _unit_norm(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() <= 1:
+        return t.norm(p=2).reshape(1)
+    return t.norm(p=2, dim=tuple(range(1, t.dim())), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_grad_clip_(params: Iterable[nn.Parameter], clip: float, eps: float = 1e-3) -> None:
+    r"""Adaptive gradient clipping (Brock et al., "High-Performance Large-Scale Image
+    Recognition Without Normalization", ICML 2021), unit-wise, in place.
+
+    For each output unit ``i`` (a row of a weight; a whole vector for 1-D parameters):
+    ``G_i ← G_i · min(1, clip · max(‖W_i‖, eps) / ‖G_i‖)``.
+    """
+    for p in params:
+        if p.grad is None:
+            continue
+        w_norm = _unit_norm(p.detach()).clamp_min(eps)
+        g_norm = _unit_norm(p.grad.detach())
+        max_norm = w_norm * clip
+        scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm))
+        p.grad.mul_(scale)
+
+
+def grad_norm(params: List[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

@@ -1,0 +1,56 @@
+"""Tiny configs and models shared by the trainer tests (not a test module)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from e2kd.models import register_model
+from e2kd.models._registry import _MODELS
+
+
+class TinyNet(nn.Module):
+    """Two 3×3 convolutions, no batch statistics (so data-parallel runs match one process)."""
+
+    gradcam_layer = "features"
+
+    def __init__(self, *, num_classes: int = 4, in_chans: int = 3, width: int = 6):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, 2, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU()
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+if "tiny_test_net" not in _MODELS:
+
+    @register_model
+    def tiny_test_net(num_classes: int = 4, in_chans: int = 3, width: int = 6, **kw) -> nn.Module:
+        return TinyNet(num_classes=num_classes, in_chans=in_chans, width=width)
+
+
+def base_config(tmp_path, name: str, **extra) -> dict:
+    """A synthetic-data run of a few steps: 64 training and 32 test images of 16 px, 4 classes."""
+    cfg = {
+        "name": name,
+        "output_dir": str(tmp_path),
+        "seed": 0,
+        "device": "cpu",
+        "data": {"name": "synthetic", "image_size": 16, "augment": "crop_flip",
+                 "kwargs": {"num_samples": 64}, "eval_kwargs": {"num_samples": 32}},
+        "model": {"name": "resnet8_small", "kwargs": {"width": 4}},
+        "optim": {"name": "adam", "lr": 0.01, "epochs": 1, "batch_size": 16},
+        "log_every": 2,
+        "progress": False,
+    }
+    for key, value in extra.items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return cfg

@@ -1,0 +1,49 @@
+"""The e2kd command line: help, python -m e2kd, clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from e2kd.cli import build_parser, main
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def test_help_lists_each_command_on_one_line():
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "e2kd", "--help"], capture_output=True, text=True, env=env, check=True).stdout
+    lines = out.splitlines()
+    for name in ("train-teacher", "distill", "evaluate"):
+        hits = [line for line in lines if line.strip().startswith(name + " ")]
+        assert len(hits) == 1, (name, out)
+        assert len(hits[0].split(None, 1)[1]) > 10  # the one-line description is on the same line
+
+
+def test_every_command_takes_a_config_and_overrides():
+    args = build_parser().parse_args(["distill", "c.yaml", "distill.lam=5", "seed=2"])
+    assert args.config == "c.yaml" and args.overrides == ["distill.lam=5", "seed=2"]
+
+
+def test_misspelt_key_is_an_error_with_a_suggestion(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\ndistill:\n  lam: 1\n")
+    assert main(["distill", str(cfg), "distill.temprature=2"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'distill.temprature'" in err and "did you mean 'distill.temperature'" in err
+
+
+def test_missing_files_are_errors(tmp_path, capsys):
+    assert main(["train-teacher", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "without config.yaml" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "train-teacher" in capsys.readouterr().out

@@ -1,0 +1,58 @@
+"""Two gloo processes under torchrun give the loss and student gradients of one process on
+the full batch (the test model has no batch statistics, so sharding cannot change them)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _train_helpers import TinyNet
+from e2kd.train.checkpoint import save_weights
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).resolve().parent
+
+
+def _env():
+    env = dict(os.environ)
+    src = str(HERE.parent / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    torch.manual_seed(3)
+    teacher = tmp_path / "teacher.safetensors"
+    save_weights(teacher, TinyNet(num_classes=4, in_chans=3, width=6).state_dict())
+    worker = str(HERE / "_ddp_worker.py")
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    subprocess.run([sys.executable, worker, str(teacher), str(one), str(tmp_path / "w1")], check=True, env=_env(), timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "--rdzv-backend=c10d",
+         "--rdzv-endpoint=localhost:0", worker, str(teacher), str(two), str(tmp_path / "w2")],
+        check=True, env=_env(), timeout=300,
+    )
+    a, b = load_file(str(one)), load_file(str(two))
+    assert a.keys() == b.keys() and len(a) > 1
+    assert float(a["loss"]) > 0
+    torch.testing.assert_close(b["loss"], a["loss"], atol=1e-5, rtol=0)
+    for k in a:
+        assert a[k].abs().max() > 0, k  # every student parameter gets a gradient
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+    # Both runs wrote their results; the DDP run evaluated on both ranks and reduced the counts.
+    import json
+
+    r1 = json.loads((tmp_path / "w1" / "ddp" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "w2" / "ddp" / "results.json").read_text())
+    assert r2["world_size"] == 2 and r2["num_images"] == r1["num_images"] == 32
+    assert r2["accuracy"] == pytest.approx(r1["accuracy"]) and r2["agreement"] == pytest.approx(r1["agreement"])

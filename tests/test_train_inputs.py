@@ -1,0 +1,166 @@
+"""Bad inputs are clear errors before any training step; untrusted files are never unpickled."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from _train_helpers import TinyNet, base_config
+from e2kd.models import create_model, load_weights
+from e2kd.train import config_from_dict, read_metrics, run
+from e2kd.train.checkpoint import save_weights
+from e2kd.train.runfolder import MetricsLog
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A trained-teacher stand-in: a 4-class resnet8_small saved as a run would save it."""
+    from e2kd.train.build import build_model, save_model
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("t") / "teacher"
+    model = build_model("resnet8_small", {"width": 4}, num_classes=4, in_chans=3)
+    save_model(d / "model.safetensors", model)
+    return d
+
+
+def _distill(tmp_path, **extra):
+    return config_from_dict(base_config(tmp_path, "s", **extra))
+
+
+def _fails_before_training(tmp_path, cfg, exc, match):
+    with pytest.raises(exc, match=match):
+        run(cfg, mode="distill")
+    assert not (tmp_path / "s" / "checkpoints").exists()
+    assert not (tmp_path / "s" / "metrics.jsonl").exists()
+
+
+def test_missing_teacher_checkpoint(tmp_path):
+    cfg = _distill(tmp_path, **{"teacher.name": "resnet8_small", "teacher.checkpoint": str(tmp_path / "nope.pt")})
+    _fails_before_training(tmp_path, cfg, FileNotFoundError, "does not exist")
+
+
+def test_teacher_without_weights(tmp_path):
+    _fails_before_training(tmp_path, _distill(tmp_path, **{"teacher.name": "resnet8_small"}), ValueError, "has no weights")
+
+
+def test_checkpoint_for_another_architecture(tmp_path, tiny_teacher):
+    cfg = _distill(tmp_path, **{"teacher.name": "tiny_test_net", "teacher.checkpoint": str(tiny_teacher / "model.safetensors")})
+    _fails_before_training(tmp_path, cfg, ValueError, "another architecture")
+
+
+def test_checkpoint_with_another_class_count(tmp_path, tiny_teacher):
+    cfg = _distill(tmp_path, **{"teacher.name": "resnet8_small", "teacher.kwargs": {"width": 4}, "teacher.num_classes": 10,
+                                "teacher.checkpoint": str(tiny_teacher / "model.safetensors")})
+    _fails_before_training(tmp_path, cfg, ValueError, r"has 4 classes .* built with 10")
+
+
+def test_teacher_and_data_with_different_class_counts(tmp_path, tiny_teacher):
+    cfg = _distill(tmp_path, **{"teacher.checkpoint": str(tiny_teacher), "data.kwargs": {"num_samples": 64, "num_classes": 3},
+                                "data.eval_kwargs": {"num_samples": 32, "num_classes": 3}})
+    _fails_before_training(tmp_path, cfg, ValueError, r"evaluation data .* 3 classes but the teacher has 4")
+
+
+def test_explainer_layer_that_does_not_exist(tmp_path, tiny_teacher):
+    cfg = _distill(tmp_path, **{"teacher.checkpoint": str(tiny_teacher), "distill.explainer_kwargs": {"layer": "layer9"}})
+    _fails_before_training(tmp_path, cfg, ValueError, "no layer named 'layer9'")
+
+
+def test_teacher_with_another_channel_count(tmp_path, tiny_teacher):
+    cfg = _distill(tmp_path, **{"teacher.checkpoint": str(tiny_teacher), "data.kwargs": {"num_samples": 64, "in_chans": 1},
+                                "data.eval_kwargs": {"num_samples": 32, "in_chans": 1}})
+    _fails_before_training(tmp_path, cfg, ValueError, "3 input channels but the data has 1")
+
+
+def test_shots_larger_than_a_class(tmp_path, tiny_teacher):
+    cfg = _distill(tmp_path, **{"teacher.checkpoint": str(tiny_teacher), "data.shots": 1000})
+    _fails_before_training(tmp_path, cfg, ValueError, "only")
+
+
+def test_batch_larger_than_the_data(tmp_path, tiny_teacher):
+    cfg = _distill(tmp_path, **{"teacher.checkpoint": str(tiny_teacher), "optim.batch_size": 128})
+    _fails_before_training(tmp_path, cfg, ValueError, "fewer than one batch")
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, tiny_teacher):
+    cfg = _distill(tmp_path, **{"teacher.checkpoint": str(tiny_teacher), "amp": "fp16"})
+    _fails_before_training(tmp_path, cfg, ValueError, "amp=fp16 needs a CUDA GPU")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _RunsCode()
+    payload.marker = marker
+    evil = tmp_path / "teacher.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": payload}))
+    with pytest.raises(ValueError, match=r"could not be read safely"):
+        load_weights(TinyNet(), evil)
+    assert not marker.exists()
+
+
+def test_plain_torch_state_dicts_load_with_prefixes_stripped(tmp_path):
+    src = TinyNet(width=6)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
+    dst = load_weights(TinyNet(width=6), tmp_path / "w.pth")
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+
+
+def test_old_torchvision_densenet_keys_are_mapped(tmp_path):
+    from torchvision.models import DenseNet
+
+    def tiny_densenet():  # torchvision's DenseNet class, at a size that builds in milliseconds
+        return DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2, num_classes=3)
+
+    model = tiny_densenet()
+    sd = {k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v for k, v in model.state_dict().items()}
+    assert any("norm.1." in k for k in sd)
+    save_weights(tmp_path / "d.safetensors", sd)
+    fresh = tiny_densenet()
+    load_weights(fresh, tmp_path / "d.safetensors", source="torchvision")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_metrics_log_tolerates_a_torn_last_line(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.append({"step": 1, "loss": 1.0})
+    log.append({"step": 2, "loss": 0.5})
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "lo')  # a kill in the middle of an append
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    (tmp_path / "bad.jsonl").write_text('{"step": 1}\n{garbage\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_metrics(tmp_path / "bad.jsonl")
+
+
+def test_efficientnet_lite0_imagenet_teacher():
+    torch.set_num_threads(1)
+    model = create_model("efficientnet_lite0", pretrained=True).eval()
+    # The [-1, 1] normalisation is inside: a [0, 1] image gives what the raw network gives on 2x-1.
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.net(x * 2 - 1), atol=1e-5)
+    with pytest.raises(ValueError, match="1000 ImageNet classes"):
+        create_model("efficientnet_lite0", num_classes=10, pretrained=True)
+
+
+def test_reset_head_loads_a_backbone_for_another_label_set(tmp_path):
+    torch.manual_seed(0)
+    src = TinyNet(num_classes=10, width=6)
+    save_weights(tmp_path / "in1k.safetensors", src.state_dict())
+    with pytest.raises(ValueError, match="has 10 classes"):
+        load_weights(TinyNet(num_classes=3, width=6), tmp_path / "in1k.safetensors")
+    dst = TinyNet(num_classes=3, width=6)
+    head = dst.fc.weight.detach().clone()
+    load_weights(dst, tmp_path / "in1k.safetensors", reset_head=True)
+    assert torch.equal(dst.features[0].weight, src.features[0].weight)
+    assert torch.equal(dst.fc.weight, head)  # the new head keeps its initialisation
