@@ -34,7 +34,7 @@ from .config import Amp, ExperimentConfig, save_config, to_dict
 from .distributed import DistInfo, all_reduce_sum, broadcast_flag, init_distributed, shutdown
 from .evaluate import evaluate
 from .optim import WarmupCosine, adaptive_grad_clip_, build_optimizer, grad_norm
-from .runfolder import MetricsLog, atomic_write_json, environment_record
+from .runfolder import MetricsLog, atomic_write_json, environment_record, remove_stale_temp_files
 
 __all__ = ["run", "NonFiniteLossError", "RunContext"]
 
@@ -341,6 +341,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             ),
         )
         metrics.truncate_after(step)
+        for folder in (run_dir, ckpt_dir):  # unfinished atomic writes of a killed run
+            remove_stale_temp_files(folder)
     writer = None
     if cfg.tensorboard and info.is_main:
         writer = SummaryWriter(str(run_dir / "tensorboard"))
