@@ -73,6 +73,60 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (runs/NAME) to show or compare")
+    parser.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html for one run, report.html for several)")
+
+
+@command("report", arguments=_report_arguments)
+def _report(args) -> int:
+    """Write a self-contained HTML report (tables, curves, figures) for one run or a comparison of runs."""
+    from .report import write_html_report
+
+    out = args.output or (Path(args.run_dirs[0]) / "report.html" if len(args.run_dirs) == 1 else Path("report.html"))
+    print(f"wrote {write_html_report(args.run_dirs, out)}")
+    return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="a tiny version (a data slice, a few steps) for smoke tests")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("demo", arguments=_demo_arguments)
+def _demo(args) -> int:
+    """The default demo: teacher, then KD vs e²KD from 50 Fashion-MNIST images per class, with a report."""
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", help="an experiment name (see `e2kd reproduce list`), `all`, or `list`")
+    parser.add_argument("--quick", action="store_true", help="the small size that CI runs (one seed)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
+    parser.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
+
+
+@command("reproduce", arguments=_reproduce_arguments)
+def _reproduce(args) -> int:
+    """Reproduce a claim of the paper at CPU scale (fewshot, unrelated, waterbirds, multilabel, vit, frozen, all)."""
+    from .reproduce import available, run_experiment
+
+    names = available()
+    if args.experiment == "list":
+        for name, summary in names.items():
+            print(f"{name:<12}{summary}")
+        return 0
+    todo = list(names) if args.experiment == "all" else [args.experiment]
+    seeds = None if args.seeds is None else list(range(args.seeds))
+    for name in todo:
+        print(f"wrote {run_experiment(name, out_dir=args.out, quick=args.quick, seeds=seeds)}")
+    return 0
+
+
 def _print_results(run_dir: Path) -> None:
     path = Path(run_dir) / "results.json"
     if int(os.environ.get("RANK", "0")) == 0 and path.is_file():
