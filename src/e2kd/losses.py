@@ -100,6 +100,12 @@ def multilabel_kd_loss(
     return kl.sum(dim=1).mean() * (t * t)
 
 
+def _unit_max(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, N) divided row-wise by its largest absolute value, taken as a constant."""
+    peak = x.detach().abs().amax(dim=1, keepdim=True)
+    return x / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
 def explanation_cosine(student_maps: torch.Tensor, teacher_maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     r"""Per-sample cosine similarity of two explanations, the term inside :func:`explanation_loss`.
 
@@ -107,6 +113,10 @@ def explanation_cosine(student_maps: torch.Tensor, teacher_maps: torch.Tensor, e
         \cos_b = \frac{\langle e^S_b, e^T_b\rangle}{\max(\|e^S_b\|\,\|e^T_b\|,\ \epsilon)}
 
     where :math:`e_b` is the flattened explanation of sample ``b``. An all-zero map gives 0.
+    Each map is first divided by its largest absolute value (a constant: no gradient flows
+    through that factor), which leaves the cosine and its gradient unchanged but keeps the
+    squares from overflowing or underflowing in float32 (maps from 1e-30 to 1e30 give the
+    exact cosine); after it every non-zero map has norm >= 1, so ``eps`` only affects zero maps.
     The mean explanation similarity reported for students is the batch mean of this value,
     i.e. ``1 - explanation_loss``.
 
@@ -132,8 +142,8 @@ def explanation_cosine(student_maps: torch.Tensor, teacher_maps: torch.Tensor, e
         )
     if student_maps.dim() < 2 or student_maps.shape[0] == 0:
         raise ValueError(f"explanation_loss: expected maps of shape (B, ...) with B > 0, got {tuple(student_maps.shape)}")
-    s = student_maps.flatten(1).float()
-    t = teacher_maps.detach().flatten(1).float()
+    s = _unit_max(student_maps.flatten(1).float())
+    t = _unit_max(teacher_maps.detach().flatten(1).float())
     dot = (s * t).sum(dim=1)
     norms = s.square().sum(dim=1) * t.square().sum(dim=1)
     return dot / norms.clamp_min(eps * eps).sqrt()

@@ -31,9 +31,13 @@ def read_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
             "releases) and pass the local file"
         )
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(path, device="cpu")
+        try:
+            state = load_file(path, device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

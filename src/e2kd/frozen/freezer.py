@@ -28,6 +28,7 @@ from .manifest import (
     dataset_fingerprint,
     explainer_identity,
     read_json,
+    remove_stale_temp_files,
     sha256_file,
     teacher_fingerprint,
     write_bytes_atomic,
@@ -280,6 +281,9 @@ def freeze(
     size = ident["size"]
     num_shards = math.ceil(size / int(shard_size))
     mine = [s for s in range(rank, num_shards, world_size)]
+    for s in mine:  # left by a run of this rank that was killed mid-write
+        remove_stale_temp_files(out_dir, shard_name(s))
+        remove_stale_temp_files(out_dir / PARTS_DIR, shard_name(s) + ".json")
     done = _complete_shards(out_dir, key, check=mine)
     todo = [s for s in mine if s not in done]
     skipped = [s for s in mine if s in done]
@@ -457,6 +461,8 @@ def _finalize(out_dir: Path, key: dict, num_shards: int, require: bool, check=()
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     for part in (out_dir / PARTS_DIR).glob("*.json"):
         part.unlink()
+    for s in range(num_shards):  # every shard is complete: no rank writes these records any more
+        remove_stale_temp_files(out_dir / PARTS_DIR, shard_name(s) + ".json")
     try:
         (out_dir / PARTS_DIR).rmdir()
     except OSError:

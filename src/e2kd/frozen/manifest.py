@@ -189,7 +189,9 @@ def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
 
 def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    # Hidden temporary name: a kill mid-write leaves ".<name>.*.tmp", which no reader takes
+    # for a store file and the next freeze() removes (see remove_stale_temp_files).
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -200,6 +202,12 @@ def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temp_files(folder: Union[str, os.PathLike], name: str) -> None:
+    """Delete the temporary files that a killed :func:`write_bytes_atomic` of ``folder/name`` left."""
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: Union[str, os.PathLike], what: str) -> dict:

@@ -6,6 +6,8 @@ batches (and over DDP ranks with :meth:`~e2kd.metrics.StreamingMetric.all_reduce
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence
 
 import torch
@@ -179,7 +181,9 @@ def multilabel_predictions(logits: torch.Tensor, threshold: float = 0.5) -> torc
     _check_logits(logits, "multilabel_predictions")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"multilabel threshold must lie in (0, 1), got {threshold}")
-    return torch.sigmoid(logits.detach().float()) > threshold
+    # sigma(z) > tau  <=>  z > log(tau / (1 - tau)): compared on the logit, so a logit just above
+    # the cut is not rounded onto it by float32's sigmoid (sigma(5e-8) == 0.5 in float32).
+    return logits.detach().float() > math.log(threshold / (1.0 - threshold))
 
 
 def _check_multihot(targets: torch.Tensor, logits: torch.Tensor, who: str) -> torch.Tensor:

@@ -25,7 +25,16 @@ def model_record(model: nn.Module) -> dict:
 def build_model(name: str, kwargs: dict, *, num_classes: int, in_chans: int) -> nn.Module:
     """``create_model`` plus a record of how it was built (saved with its weights)."""
     kwargs = dict(kwargs or {})
-    model = create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    fixed = sorted(set(kwargs) & {"num_classes", "in_chans"})
+    if fixed:
+        raise ValueError(
+            f"model {name!r}: {', '.join(fixed)} may not be set in the model's kwargs; the trainer takes them from the "
+            f"data (and the teacher): {in_chans} channels, {num_classes} classes (use teacher.num_classes for a teacher)"
+        )
+    try:
+        model = create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as err:  # an unknown or misspelt constructor argument
+        raise ValueError(f"model {name!r} does not accept the kwargs {kwargs}: {err}; check model.kwargs / teacher.kwargs") from None
     model.e2kd_record = {"name": name, "kwargs": kwargs, "num_classes": int(num_classes), "in_chans": int(in_chans)}
     return model
 

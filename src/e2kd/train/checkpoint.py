@@ -162,6 +162,13 @@ def restore(
 ) -> dict:
     """Load model, optimiser and RNG states in place; return the JSON ``state``."""
     model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in model_sd.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(
+            f"checkpoint does not fit the model: shapes differ ({', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}: "
+            "checkpoint vs model); it was written for another architecture (start a new run or fix the model config)"
+        )
     missing, unexpected = model.load_state_dict(model_sd, strict=False)
     if missing or unexpected:
         raise ValueError(

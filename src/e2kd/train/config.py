@@ -271,7 +271,13 @@ def parse_override(text: str) -> Dict[str, Any]:
     key = key.strip()
     if not key or any(not p.isidentifier() for p in key.split(".")):
         raise ValueError(f"override {text!r}: {key!r} is not a dotted config key")
-    parsed = yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:  # e.g. a !!python/... tag: the safe loader refuses to build it
+        raise ValueError(
+            f"override {text!r}: the value is not a plain YAML value ({str(err).splitlines()[0]}); "
+            "overrides hold plain values only (numbers, strings, lists, mappings)"
+        ) from None
     out: Dict[str, Any] = {}
     node = out
     parts = key.split(".")

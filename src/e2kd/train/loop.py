@@ -34,7 +34,7 @@ from .config import Amp, ExperimentConfig, save_config, to_dict
 from .distributed import DistInfo, all_reduce_sum, broadcast_flag, init_distributed, shutdown
 from .evaluate import evaluate
 from .optim import WarmupCosine, adaptive_grad_clip_, build_optimizer, grad_norm
-from .runfolder import MetricsLog, atomic_write_json, environment_record
+from .runfolder import MetricsLog, atomic_write_json, environment_record, remove_stale_temp_files
 
 __all__ = ["run", "NonFiniteLossError", "RunContext"]
 
@@ -341,6 +341,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             ),
         )
         metrics.truncate_after(step)
+        for folder in (run_dir, ckpt_dir):  # unfinished atomic writes of a killed run
+            remove_stale_temp_files(folder)
     writer = None
     if cfg.tensorboard and info.is_main:
         writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -392,7 +394,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             else:
                 logits = net(x).float()
                 loss = _label_loss(logits, y, multilabel)
-                terms = {"accuracy": _batch_accuracy(logits, y, multilabel)}
+                terms = {"cls_loss": loss, "accuracy": _batch_accuracy(logits, y, multilabel)}
         out = {k: v.detach().float() for k, v in terms.items()}
         out["loss"] = loss
         return out
@@ -558,14 +560,25 @@ def _batch_accuracy(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> 
     return (top1 == y).float().mean()
 
 
+_TERM_NAMES = {
+    "kd_loss": "the KD term",
+    "exp_loss": "the explanation term",
+    "gt_loss": "the cross-entropy on labels",
+    "cls_loss": "the cross-entropy on labels",
+    "guidance_loss": "the guidance term",
+}
+
+
 def _check_finite(out: Dict[str, torch.Tensor], step: int, info: DistInfo, last_ckpt: Optional[Path]) -> None:
     bad = {k: float(v.detach()) for k, v in out.items() if k not in ("agreement", "zero_maps") and not torch.isfinite(v.detach()).all()}
     if broadcast_flag(bool(bad), info) and not bad:
         raise NonFiniteLossError(f"step {step}: another process met a non-finite loss; the run stopped (see its message)")
     if bad:
         term = next((k for k in ("kd_loss", "exp_loss", "gt_loss", "cls_loss", "guidance_loss", "loss") if k in bad), next(iter(bad)))
+        what = _TERM_NAMES.get(term, "")
         raise NonFiniteLossError(
-            f"step {step}: loss term {term!r} is {bad[term]} (all non-finite terms: {bad}); the run stopped before the "
+            f"step {step}: loss term {term!r} is {bad[term]} ({what + '; ' if what else ''}all non-finite terms: "
+            f"{bad}); the run stopped before the "
             f"update, so no weights were changed; last good checkpoint: {last_ckpt or 'none'}. "
             "Lower optim.lr, enable optim.grad_clip, or check the teacher and the data"
         )

@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, List, Optional
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "MetricsLog", "read_metrics", "environment_record"]
+__all__ = ["remove_stale_temp_files", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "MetricsLog", "read_metrics", "environment_record"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -37,6 +37,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> List[Path]:
+    """Delete the ``.<name>.*.tmp`` files that a killed :func:`atomic_write_bytes` left in
+    ``folder``; returns what was removed. Call it only where no other process is writing."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -77,9 +87,17 @@ class MetricsLog:
             fh.flush()
 
     def truncate_after(self, step: int) -> None:
+        """Keep the records of steps before ``step`` and the training record of ``step``.
+
+        Evaluation records logged at ``step`` itself come after its checkpoint (the final
+        evaluation follows the final checkpoint), so they are written again by the resumed run.
+        """
         if not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
+        kept = [
+            r for r in read_metrics(self.path)
+            if int(r.get("step", 0)) < step or (int(r.get("step", 0)) == step and r.get("split", "train") == "train")
+        ]
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
