@@ -35,11 +35,11 @@ _CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "tuxbirds"
 SIZES: Dict[str, Dict[str, Any]] = {
     "full": dict(
         image_size=32,
-        counts={"train": 2000, "val": 400, "test": 1000},
+        counts={"train": 1000, "val": 300, "test": 600},
         teacher_width=16,
         student_width=16,
-        teacher_epochs=8,
-        student_epochs=5,
+        teacher_epochs=6,
+        student_epochs=4,
         batch_size=64,
         lr=3e-3,
         guidance_weight=1.0,
@@ -55,7 +55,7 @@ SIZES: Dict[str, Dict[str, Any]] = {
         batch_size=32,
         lr=3e-3,
         guidance_weight=1.0,
-        lams=(1.0, 5.0),
+        lams=(1.0,),
     ),
 }
 
