@@ -121,6 +121,12 @@ def test_waterbirds_quick_end_to_end(tmp_path, monkeypatch):
     for name in ("teacher (guided)", "teacher (unguided)", "KD", "e²KD", "Acc OOD", "EPG (bird)"):
         assert name in table
     assert res["lambda"] == 1.0 and "1" in res["lambda_selection"]
+    # The student's evaluation carries its teacher's per-group accuracy and EPG beside its own.
+    student = json.loads((exp_dir / "students" / "tuxbirds-kd-seed0" / "results.json").read_text())
+    teacher = res["teachers"]["guided"]
+    for g in ("landbird_on_land", "landbird_on_water", "waterbird_on_land", "waterbird_on_water"):
+        assert student[f"group/{g}/teacher_accuracy"] == pytest.approx(teacher[f"group/{g}/accuracy"], abs=1e-6)
+    assert student["teacher_epg"] == pytest.approx(teacher["epg"], abs=1e-6)
     # A second call reuses the teachers (and the students) instead of training them again.
     before = _mtimes(exp_dir)
     run_experiment("waterbirds", out_dir=tmp_path / "out", quick=True)
