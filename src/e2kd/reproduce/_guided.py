@@ -1,7 +1,7 @@
 """Helpers shared by the guided-teacher experiments (``waterbirds``, ``multilabel``).
 
-Both train teachers with model guidance into ``<out>/teachers/<name>`` (reused when their
-``results.json`` exists), distil students from them with KD and e²KD, and pick e²KD's λ on
+Both train teachers with model guidance into ``<out>/teachers/<name>``, beside the
+experiments' folders ``<out>/<experiment>`` (reused when their ``results.json`` exists), distil students from them with KD and e²KD, and pick e²KD's λ on
 the validation split: every candidate run is trained with the test split as its evaluation
 split (its ``results.json``), then re-evaluated on ``val`` (``eval_<dataset>_val.json``); only
 the validation numbers choose.
@@ -20,8 +20,9 @@ __all__ = ["teacher_run", "student_run", "val_results", "pick_lambda"]
 
 
 def teacher_run(config: Path, overrides: Sequence[str], *, out_dir: Path, name: str) -> Dict[str, Any]:
-    """Train (or reuse) a teacher into ``out_dir/teachers/name``; return its folder and results."""
-    run_dir = run_config(config, overrides, mode="teacher", out_dir=Path(out_dir) / "teachers", name=name)
+    """Train (or reuse) a teacher into ``<out>/teachers/name``, where ``out_dir`` is the
+    experiment's folder ``<out>/<experiment>``; return its folder and results."""
+    run_dir = run_config(config, overrides, mode="teacher", out_dir=Path(out_dir).parent / "teachers", name=name)
     return {"dir": run_dir, "results": read_results(run_dir)}
 
 
