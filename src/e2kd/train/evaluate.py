@@ -9,8 +9,9 @@ processes report what one process reports. Metrics (fractions in [0, 1]):
 * ``agreement``: the student's top-1 equals the teacher's top-1 (``teacher_accuracy`` too).
 * ``explanation_similarity``: mean over images of cos(E(S, x, ŷ_T), E(T, x, ŷ_T))
   (:func:`e2kd.losses.explanation_cosine`).
-* per group (``group/<name>/accuracy`` etc.) and ``worst_group_accuracy`` when the dataset has
-  groups.
+* per group (``group/<name>/accuracy``, ``.../agreement``, ``.../teacher_accuracy``) and
+  ``worst_group_accuracy`` (``teacher_worst_group_accuracy``) when the dataset has groups;
+  ``teacher_f1`` beside ``f1`` for multi-label data, so student and teacher read side by side.
 
 * ``epg`` / ``iou`` (and ``teacher_epg`` / ``teacher_iou``) when a ``localisation`` explainer
   is given and batches carry masks: the energy pointing game and IoU of the explanation of
@@ -127,9 +128,14 @@ def evaluate(
                 agree = (top1 == t_top1).float()
                 add("_agr", agree.sum().item())
                 if multilabel:
-                    add("_tacc", present.gather(1, t_top1[:, None]).float().sum().item())
+                    t_correct = present.gather(1, t_top1[:, None]).squeeze(1).float()
+                    t_pred = t_logits > 0
+                    add("_ttp", (t_pred & present).sum().item())
+                    add("_tfp", (t_pred & ~present).sum().item())
+                    add("_tfn", (~t_pred & present).sum().item())
                 else:
-                    add("_tacc", (t_top1 == y).float().sum().item())
+                    t_correct = (t_top1 == y).float()
+                add("_tacc", t_correct.sum().item())
             if group_names is not None and "group" in batch:
                 g = batch["group"].to(device)
                 for gi in range(len(group_names)):
@@ -138,6 +144,7 @@ def evaluate(
                     add(f"_g{gi}_acc", correct[sel].sum().item())
                     if agree is not None:
                         add(f"_g{gi}_agr", agree[sel].sum().item())
+                        add(f"_g{gi}_tacc", t_correct[sel].sum().item())
             if meters and "mask" in batch:
                 from ..metrics import explain_present_classes
 
@@ -166,10 +173,13 @@ def evaluate(
     if "_agr" in sums:
         res["agreement"] = sums["_agr"] / n
         res["teacher_accuracy"] = sums["_tacc"] / n
+        if multilabel:
+            ttp, tfp, tfn = sums["_ttp"], sums["_tfp"], sums["_tfn"]
+            res["teacher_f1"] = 2 * ttp / max(2 * ttp + tfp + tfn, 1.0)
     if "_sim_sum" in sums:
         res["explanation_similarity"] = sums["_sim_sum"] / n
     if group_names is not None and any(k.startswith("_g") for k in sums):
-        worst = None
+        worst = t_worst = None
         for gi, name in enumerate(group_names):
             gn = sums.get(f"_g{gi}_n", 0.0)
             if gn == 0:
@@ -179,9 +189,14 @@ def evaluate(
             res[f"group/{name}/n"] = int(gn)
             if f"_g{gi}_agr" in sums:
                 res[f"group/{name}/agreement"] = sums[f"_g{gi}_agr"] / gn
+                t_acc = sums[f"_g{gi}_tacc"] / gn
+                res[f"group/{name}/teacher_accuracy"] = t_acc
+                t_worst = t_acc if t_worst is None else min(t_worst, t_acc)
             worst = acc if worst is None else min(worst, acc)
         if worst is not None:
             res["worst_group_accuracy"] = worst
+        if t_worst is not None:
+            res["teacher_worst_group_accuracy"] = t_worst
     for prefix, meter in meters.items():
         loc = (meter.all_reduced() if info.enabled else meter).compute()
         if loc["count"]:
