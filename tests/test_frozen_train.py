@@ -195,3 +195,18 @@ def test_freeze_needs_an_output_folder_and_teacher_weights(tmp_path, teacher, ca
     assert "set teacher.frozen=PATH or pass --out PATH" in capsys.readouterr().err
     assert main(["freeze", cfg, "--out", str(tmp_path / "s"), "teacher.checkpoint=null"]) == 2
     assert "needs the teacher's weights" in capsys.readouterr().err
+
+
+def test_evaluate_a_frozen_run_from_the_eval_store(tmp_path, teacher, capsys):
+    cfg = _config_file(tmp_path, teacher, **{"optim.max_steps": 2})
+    assert main(["freeze", cfg, f"teacher.frozen={tmp_path / 's'}", "progress=false"]) == 0
+    assert main(["freeze", cfg, "--split", "eval", "--out", str(tmp_path / "e"), "progress=false"]) == 0
+    assert main(["distill", cfg, f"teacher.frozen={tmp_path / 's'}", "name=fz"]) == 0
+    trained = _results(tmp_path / "fz")
+    run_dir = str(tmp_path / "fz")
+    assert main(["evaluate", run_dir, f"teacher.frozen_eval={tmp_path / 'e'}", "teacher.checkpoint=null"]) == 0
+    again = json.loads((tmp_path / "fz" / "eval_synthetic_test.json").read_text())
+    assert again["agreement"] == trained["agreement"] and again["accuracy"] == trained["accuracy"]
+    assert main(["evaluate", run_dir, "teacher.checkpoint=null"]) == 0
+    alone = json.loads((tmp_path / "fz" / "eval_synthetic_test.json").read_text())
+    assert "agreement" not in alone and "agreement unavailable" in alone["agreement_note"]
