@@ -210,3 +210,26 @@ def test_evaluate_a_frozen_run_from_the_eval_store(tmp_path, teacher, capsys):
     assert main(["evaluate", run_dir, "teacher.checkpoint=null"]) == 0
     alone = json.loads((tmp_path / "fz" / "eval_synthetic_test.json").read_text())
     assert "agreement" not in alone and "agreement unavailable" in alone["agreement_note"]
+
+
+@pytest.mark.slow
+def test_freeze_under_torchrun_gives_the_one_process_store(tmp_path, teacher):
+    """Two gloo ranks: each freezes its own shards, rank 0 writes the manifest; same bytes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = _config_file(tmp_path, teacher, **{"device": "cpu", "progress": False})
+    assert main(["freeze", cfg, "--out", str(tmp_path / "one"), "--shard-size", "16"]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "--rdzv-backend=c10d",
+         "--rdzv-endpoint=localhost:0", "-m", "e2kd", "freeze", cfg, "--out", str(tmp_path / "two"), "--shard-size", "16"],
+        check=True, env=env, timeout=300, capture_output=True,
+    )
+    one, two = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("one", "two"))
+    assert len(two["shards"]) == 4 and [s["sha256"] for s in two["shards"]] == [s["sha256"] for s in one["shards"]]
