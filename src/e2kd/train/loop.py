@@ -153,13 +153,13 @@ def _dry_run(model: nn.Module, teacher: Optional[nn.Module], explainers, x: torc
         model.train(was)
 
 
-def _dry_run_frozen(model: nn.Module, explainers, probe: Dict[str, torch.Tensor], device: torch.device, d) -> None:
+def _dry_run_frozen(model: nn.Module, explainers, probe: Dict[str, torch.Tensor], device: torch.device, d, multilabel: bool) -> None:
     """One frozen-distillation forward on two stored samples: class counts, map channels and
     the student explainer fail here, before training, with their own messages."""
     was = model.training
     model.eval()
     try:
-        check = Distiller(None, model, explainer=explainers, lam=max(d.lam, 1.0), temperature=d.temperature)
+        check = Distiller(None, model, explainer=explainers, lam=max(d.lam, 1.0), temperature=d.temperature, multilabel=multilabel)
         check(probe["image"].to(device), teacher_logits=probe["teacher_logits"].to(device),
               teacher_maps=probe["teacher_maps"].to(device))
     finally:
@@ -322,7 +322,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     else:
         probe = {k: torch.stack(v) for k, v in _stack_samples([stream_ds[i] for i in range(n_probe)]).items()}
     if frozen is not None:
-        _dry_run_frozen(model, explainers, probe, device, cfg.distill)
+        _dry_run_frozen(model, explainers, probe, device, cfg.distill, multilabel)
     else:
         _dry_run(model, teacher, explainers, probe["image"].to(device), multilabel)
 
