@@ -116,6 +116,21 @@ def _report(args) -> int:
     return 0
 
 
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="a tiny version (a data slice, a few steps) for smoke tests")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("demo", arguments=_demo_arguments)
+def _demo(args) -> int:
+    """The default demo: teacher, then KD vs e²KD from 50 Fashion-MNIST images per class, with a report."""
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
 def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="an experiment name (see `e2kd reproduce list`), `all`, or `list`")
     parser.add_argument("--quick", action="store_true", help="the small size that CI runs (one seed)")
