@@ -48,11 +48,39 @@ def _train_teacher(args) -> int:
 
 @command("distill", arguments=_config_arguments)
 def _distill(args) -> int:
-    """Distil a teacher into a student with KD (distill.lam=0) or e²KD."""
+    """Distil a teacher into a student with KD (distill.lam=0) or e²KD (teacher.frozen=PATH: from a store)."""
     from .train import load_config, run
 
     run_dir = run(load_config(args.config, args.overrides), mode="distill")
     _print_results(run_dir)
+    return 0
+
+
+def _freeze_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    parser.add_argument("--out", default=None,
+                        help="store folder (default: teacher.frozen, or teacher.frozen_eval with --split eval)")
+    parser.add_argument("--split", default="train", choices=["train", "val", "eval"],
+                        help="which split of the config's data to freeze (default train)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: eval_batch_size or optim.batch_size")
+    parser.add_argument("--map-size", type=int, default=None, help="store maps resized to this side (default: as explained)")
+    parser.add_argument("--map-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--topk", type=int, default=None, help="keep the k largest logits and the log-sum-exp of the rest")
+    parser.add_argument("--shard-size", type=int, default=1024, help="images per shard (the unit of resuming)")
+
+
+@command("freeze", arguments=_freeze_arguments)
+def _freeze(args) -> int:
+    """Run the teacher once over the un-augmented data and store its logits and explanations."""
+    from .train import load_config
+    from .train.frozen import freeze_run
+
+    report = freeze_run(
+        load_config(args.config, args.overrides), split=args.split, out=args.out, batch_size=args.batch_size,
+        map_size=args.map_size, map_dtype=args.map_dtype, topk=args.topk, shard_size=args.shard_size,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report.summary())
     return 0
 
 
@@ -134,6 +162,8 @@ def _print_results(run_dir: Path) -> None:
         keys = ("accuracy", "top5", "agreement", "explanation_similarity", "teacher_accuracy", "worst_group_accuracy", "f1")
         shown = ", ".join(f"{k} {res[k]:.4f}" for k in keys if isinstance(res.get(k), (int, float)))
         print(f"{run_dir}: {shown}")
+        if res.get("agreement_note"):
+            print(f"{run_dir}: {res['agreement_note']}")
 
 
 def _summary(fn) -> str:
@@ -159,7 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Options may sit between dotted overrides (`freeze CFG --split eval a=1 b=2`): argparse
+    # leaves the overrides after an option unparsed, so they are taken back here.
+    if extra:
+        if not isinstance(getattr(args, "overrides", None), list) or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 2

@@ -30,7 +30,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["CropFlip", "sample_crop_flip", "JointTransform", "BatchAugment"]
+__all__ = ["CropFlip", "sample_crop_flip", "JointTransform", "BatchAugment", "warp"]
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,30 @@ class JointTransform:
         return self.apply(sample, params, self.draw_photometric(generator))
 
 
+def warp(x: torch.Tensor, theta: torch.Tensor, *, mode: str, size=None, padding_mode: str = "zeros") -> torch.Tensor:
+    """Resample a batch by one affine map per sample (``affine_grid`` / ``grid_sample``).
+
+    ``theta`` maps output coordinates in [-1, 1] (``align_corners=False``) to input
+    coordinates, so the same ``theta`` moves tensors of any resolution alike: an image, its
+    mask and a coarser explanation map stay aligned.
+
+    Parameters
+    ----------
+    x : Tensor, shape (B, K, h, w)
+    theta : Tensor, shape (B, 2, 3)
+    mode : "bilinear" (images, explanation maps) or "nearest" (masks)
+    size : (h', w') of the output, optional (default: that of ``x``)
+    padding_mode : "zeros" or "border"
+
+    Returns
+    -------
+    Tensor, shape (B, K, h', w')
+    """
+    size = list(x.shape[-2:]) if size is None else list(size)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [x.shape[0], x.shape[1], *size], align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+
+
 class BatchAugment:
     """:class:`JointTransform` for a whole batch: one independent draw per sample, applied
     with ``affine_grid`` / ``grid_sample`` (image and maps bilinear, masks nearest).
@@ -222,14 +246,12 @@ class BatchAugment:
         theta, photo = self.thetas(n, generator)
         out = dict(batch)
 
-        def warp(x, mode):
-            hh, ww = x.shape[-2:]
-            size = _out_size(self.joint.size, hh, ww, h, w)
-            grid = F.affine_grid(theta.to(x.device, x.dtype), [x.shape[0], x.shape[1], *size], align_corners=False)
-            return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+        def move(x, mode):
+            size = _out_size(self.joint.size, x.shape[-2], x.shape[-1], h, w)
+            return warp(x, theta, mode=mode, size=size, padding_mode="border")
 
         mode = "nearest" if self.joint.image_interpolation == "nearest" else "bilinear"
-        image = warp(img.float(), mode)
+        image = move(img.float(), mode)
         b = photo[:, 0].view(n, 1, 1, 1).to(image)
         cf = photo[:, 1].view(n, 1, 1, 1).to(image)
         image = image * b
@@ -242,8 +264,8 @@ class BatchAugment:
             image = cf * image + (1 - cf) * mean
         out["image"] = image.clamp(0.0, 1.0)
         if "mask" in batch:
-            out["mask"] = warp(batch["mask"].float(), "nearest")
+            out["mask"] = move(batch["mask"].float(), "nearest")
         for k in self.joint.map_keys:
             if k in batch and batch[k] is not None:
-                out[k] = warp(batch[k].float(), "bilinear")
+                out[k] = move(batch[k].float(), "bilinear")
         return out

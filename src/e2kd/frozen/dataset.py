@@ -32,7 +32,13 @@ class FrozenDataset(torch.utils.data.Dataset):
     check_dataset : bool
         Compare :func:`e2kd.frozen.dataset_fingerprint` of ``base_dataset`` with the store's
         dataset identity (default). Turn off only for a store frozen with a custom
-        ``dataset_id``.
+        ``dataset_id`` or checked by the caller.
+
+    When ``base_dataset`` stacks whole batches (``batch(indices)``, as the in-memory datasets
+    of :mod:`e2kd.data` do) and no augmentation is given, the wrapper has ``batch(indices)``
+    too: the base batch plus ``teacher_logits`` (B, C) and ``teacher_maps`` (B, K, h, w),
+    for a trainer that augments whole batches itself (:func:`e2kd.train.augment.augment_batch`
+    moves ``teacher_maps`` with the images).
     """
 
     def __init__(
@@ -53,9 +59,24 @@ class FrozenDataset(torch.utils.data.Dataset):
         self.base = base_dataset
         self.store = store
         self.augment = JointAugment(geometric=geometric, photometric=photometric)
-        for attr in ("num_classes", "in_chans", "class_names", "multilabel", "group_names"):
+        for attr in ("num_classes", "in_chans", "class_names", "multilabel", "group_names", "name", "split", "sampling"):
             if hasattr(base_dataset, attr):
                 setattr(self, attr, getattr(base_dataset, attr))
+        if callable(getattr(base_dataset, "batch", None)) and not geometric and not photometric:
+            self.batch = self._batch
+
+    def _batch(self, indices) -> dict:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        out = dict(self.base.batch(idx))
+        if tuple(out["image"].shape[1:]) != self.store.image_shape:
+            raise ValueError(
+                f"the base dataset returns images of shape {tuple(out['image'].shape[1:])} but the store was frozen "
+                f"from images of shape {self.store.image_shape}; build the dataset with the same image size"
+            )
+        stored = self.store.batch(idx.tolist())
+        out["teacher_logits"] = stored["logits"].float()
+        out["teacher_maps"] = stored["maps"].float()
+        return out
 
     def __len__(self) -> int:
         return len(self.base)

@@ -3,7 +3,12 @@
 Random parameters are drawn for the whole *global* batch from a generator seeded by
 ``(seed, step)``: a resumed run redraws exactly the same augmentations without saving any
 generator state, and each DDP rank takes its own slice of the same draws, so N processes
-see exactly what one process sees. Masks get the same geometric transform as their images.
+see exactly what one process sees.
+
+Everything a sample carries in pixel coordinates moves with the image under the same draw:
+masks (nearest neighbour) and, in frozen distillation, the teacher's stored explanation maps
+``teacher_maps`` (bilinear, zeros outside the image: no evidence there; a map coarser than
+the image is moved at its own resolution by the same affine map).
 """
 
 from __future__ import annotations
@@ -11,11 +16,27 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
+from ..data.transforms import warp
 from .config import Augment
 
-__all__ = ["augment_batch"]
+__all__ = ["augment_batch", "MIRRORED", "check_mirrored"]
+
+# Augmentations whose every random draw is a geometric map that can be applied to an
+# explanation map as well as to the image (frozen distillation needs exactly these).
+MIRRORED = frozenset({Augment.none, Augment.flip, Augment.crop_flip, Augment.rrc_flip})
+MAP_KEY = "teacher_maps"
+
+
+def check_mirrored(kind) -> None:
+    """Raise ValueError unless augmentation ``kind`` can move a stored explanation map with its image."""
+    if kind not in MIRRORED:
+        name = getattr(kind, "value", kind)
+        raise ValueError(
+            f"data.augment={name} cannot be mirrored on the stored explanation maps of a frozen store (only "
+            f"geometric draws can move a map with its image); use one of "
+            f"{', '.join(sorted(a.value for a in MIRRORED))}, or distil from the live teacher (teacher.frozen=null)"
+        )
 
 
 def _generator(seed: int, step: int) -> torch.Generator:
@@ -25,24 +46,27 @@ def _generator(seed: int, step: int) -> torch.Generator:
 
 
 def _affine(batch: Dict[str, torch.Tensor], theta: torch.Tensor) -> Dict[str, torch.Tensor]:
-    x = batch["image"]
-    grid = F.affine_grid(theta.to(x.dtype).to(x.device), list(x.shape), align_corners=False)
     out = dict(batch)
-    out["image"] = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out["image"] = warp(batch["image"], theta, mode="bilinear")
     if "mask" in batch:
-        m = batch["mask"]
-        out["mask"] = F.grid_sample(m, grid.to(m.dtype), mode="nearest", padding_mode="zeros", align_corners=False)
+        out["mask"] = warp(batch["mask"], theta, mode="nearest")
+    if batch.get(MAP_KEY) is not None:
+        out[MAP_KEY] = warp(batch[MAP_KEY].float(), theta, mode="bilinear")
     return out
 
 
 def augment_batch(
     batch: Dict[str, torch.Tensor], kind: Augment, *, seed: int, step: int, offset: int = 0, global_batch: Optional[int] = None
 ) -> Dict[str, torch.Tensor]:
-    """Augment ``batch`` (images (B, C, H, W) in [0, 1], optional masks) for training step ``step``.
+    """Augment ``batch`` (images (B, C, H, W) in [0, 1], optional masks (B, K, H, W) and
+    stored teacher maps ``teacher_maps`` (B, K, h, w)) for training step ``step``.
 
     ``offset`` and ``global_batch`` select this rank's rows of the draws made for the whole
-    global batch.
+    global batch. A batch with ``teacher_maps`` is refused (ValueError) for an augmentation
+    outside :data:`MIRRORED`.
     """
+    if batch.get(MAP_KEY) is not None:
+        check_mirrored(kind)
     if kind == Augment.none:
         return batch
     b = batch["image"].shape[0]
@@ -76,8 +100,8 @@ def augment_batch(
         batch = _affine(batch, theta)
     out = dict(batch)
     fl = flip.to(batch["image"].device)
-    for key in ("image", "mask"):
-        if key in out:
+    for key in ("image", "mask", MAP_KEY):
+        if out.get(key) is not None:
             t = out[key]
             out[key] = torch.where(fl[:, None, None, None], t.flip(-1), t)
     return out

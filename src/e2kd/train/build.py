@@ -15,7 +15,7 @@ from ..models.weights import load_weights
 from .checkpoint import save_weights
 from .config import DistillConfig, ExperimentConfig
 
-__all__ = ["build_model", "build_teacher", "build_explainers", "model_record", "save_model", "load_model_file"]
+__all__ = ["build_model", "build_teacher", "build_explainers", "teacher_weights_available", "model_record", "save_model", "load_model_file"]
 
 
 def model_record(model: nn.Module) -> dict:
@@ -76,10 +76,12 @@ def load_model_file(path: str | Path, *, in_chans: Optional[int] = None) -> nn.M
 
 
 def build_teacher(cfg: ExperimentConfig, *, num_classes: int, in_chans: int) -> nn.Module:
-    """The teacher with its weights, in eval mode with frozen parameters."""
+    """The teacher with its weights, in eval mode with frozen parameters.
+
+    ``teacher.frozen`` is not looked at here: the training loop decides whether a teacher is
+    loaded at all (see :mod:`e2kd.train.frozen`).
+    """
     t = cfg.teacher
-    if t.frozen is not None:
-        raise ValueError("teacher.frozen (frozen explanations) is not supported by this trainer yet; set teacher.frozen=null")
     if t.name is None:
         if t.checkpoint is None:
             raise ValueError("distill needs a teacher: set teacher.checkpoint to a train-teacher run folder or give teacher.name and its weights")
@@ -104,6 +106,12 @@ def _explainer(name: str, kwargs: dict) -> Explainer:
         return create(name, **dict(kwargs or {}))
     except TypeError as err:
         raise ValueError(f"explainer {name!r} does not accept the given arguments {dict(kwargs)}: {err}") from None
+
+
+def teacher_weights_available(cfg: ExperimentConfig) -> bool:
+    """Whether the config names teacher weights (a checkpoint, or ``pretrained=True``)."""
+    t = cfg.teacher
+    return t.checkpoint is not None or (t.name is not None and bool(t.kwargs.get("pretrained", False)))
 
 
 def build_explainers(d: DistillConfig) -> Tuple[Explainer, Explainer]:

@@ -113,7 +113,8 @@ class TeacherConfig:
     checkpoint: Optional[str] = None  # weights file or a train-teacher run folder
     source: str = "auto"
     num_classes: Optional[int] = None  # None: the training dataset's (or the run's) class count
-    frozen: Optional[str] = None  # frozen-explanation store (e2kd freeze); not read by this trainer yet
+    frozen: Optional[str] = None  # store of the training split (e2kd freeze): distil with no teacher in memory
+    frozen_eval: Optional[str] = None  # store of the evaluation split (e2kd freeze --split eval): agreement without weights
 
 
 @dataclass

@@ -64,7 +64,9 @@ def evaluate(
     Parameters
     ----------
     model : the evaluated network (student or teacher), in eval mode during the call
-    batches : iterable of batch dicts, already sharded for this rank
+    batches : iterable of batch dicts, already sharded for this rank; batches of a frozen
+        store (:class:`e2kd.frozen.FrozenDataset`) carry the teacher's ``teacher_logits``
+        (B, C) and ``teacher_maps`` (B, K, h, w), used when ``teacher`` is None
     teacher : optional; enables ``agreement`` (and, with ``explainers``, the similarity)
     explainers : (teacher_explainer, student_explainer) or None
     """
@@ -92,12 +94,18 @@ def evaluate(
             y = batch["label"].to(device)
             out: Dict[str, torch.Tensor] = {}
             with _autocast(device, amp_dtype):
-                if teacher is not None and explainers is not None:
+                stored = teacher is None and batch.get("teacher_logits") is not None
+                if (teacher is not None or (stored and batch.get("teacher_maps") is not None)) and explainers is not None:
                     t_exp, s_exp = explainers
-                    te = t_exp(teacher, x, None, create_graph=False)
-                    se = s_exp(model, x, te.target, create_graph=False)
-                    logits, t_logits = se.logits.float(), te.logits.float()
-                    t_maps = te.maps.float()
+                    if stored:
+                        t_logits = batch["teacher_logits"].to(device).float()
+                        t_maps = batch["teacher_maps"].to(device).float()
+                        se = s_exp(model, x, t_logits.argmax(dim=1), create_graph=False)
+                    else:
+                        te = t_exp(teacher, x, None, create_graph=False)
+                        se = s_exp(model, x, te.target, create_graph=False)
+                        t_logits, t_maps = te.logits.float(), te.maps.float()
+                    logits = se.logits.float()
                     s_maps = match_maps(se.maps.float(), t_maps)
                     b = x.shape[0]
                     add("_sim_sum", explanation_cosine(s_maps, t_maps).sum().item())
@@ -105,7 +113,12 @@ def evaluate(
                 else:
                     with torch.no_grad():
                         logits = model(x).float()
-                        t_logits = teacher(x).float() if teacher is not None else None
+                        if teacher is not None:
+                            t_logits = teacher(x).float()
+                        elif stored:
+                            t_logits = batch["teacher_logits"].to(device).float()
+                        else:
+                            t_logits = None
             b = x.shape[0]
             add("_n", b)
             top1 = logits.argmax(dim=1)

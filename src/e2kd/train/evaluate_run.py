@@ -54,12 +54,25 @@ def evaluate_target(target: str, overrides: Sequence[str] = ()) -> Tuple[Optiona
                 model = build_model(cfg.model.name, cfg.model.kwargs, num_classes=int(ds.num_classes), in_chans=in_chans)
                 load_weights(model, ckpt, source=cfg.model.source)
         teacher = explainers = None
+        note = None
         if _has_teacher(cfg):
             teacher = build_teacher(cfg, num_classes=int(ds.num_classes), in_chans=in_chans).to(info.device)
             explainers = build_explainers(cfg.distill)
+        elif cfg.teacher.frozen_eval is not None:  # the teacher's stored logits and maps of the evaluation split
+            from ..frozen import FrozenDataset
+            from .frozen import open_store
+
+            explainers = build_explainers(cfg.distill)
+            opened = open_store(cfg, "eval", ds, teacher_explainer=explainers[0], verify_teacher=False)
+            data["eval"] = FrozenDataset(ds, opened.store, check_dataset=False)
+        elif cfg.teacher.frozen is not None:
+            note = ("agreement unavailable: no teacher weights (teacher.checkpoint) and no store of the evaluation split "
+                    "(teacher.frozen_eval)")
         model.to(info.device)
         multilabel = bool(cfg.distill.multilabel if cfg.distill.multilabel is not None else getattr(ds, "multilabel", False))
         results = evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, _amp_dtype(cfg, info.device))
+        if note is not None:
+            results["agreement_note"] = note
         out = None
         if info.is_main:
             tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.data.eval_name or cfg.data.name}_{cfg.data.eval_split}")

@@ -8,12 +8,20 @@ Ctrl-C and at the end, evaluates, and writes the run folder (see :mod:`e2kd.trai
 One optimiser step = ``grad_accum`` forward passes of ``optim.batch_size`` images (the global
 batch, split over DDP ranks), each followed by one ordinary ``loss.backward()``; the
 distillation loss is ``Distiller(x)["loss"] + gt_weight · CE(student, label)``.
+
+With ``teacher.frozen=PATH`` the teacher's logits and explanation maps come from a store
+written by ``e2kd freeze`` (:mod:`e2kd.train.frozen`): the store is checked against the run
+first, no teacher is held in memory while training, and the batched augmentation moves the
+stored maps with the images. The final evaluation uses the teacher's weights if the config
+names them (loaded only then), else the stored logits of ``teacher.frozen_eval``, else it
+reports the student's accuracy and says that agreement is unavailable.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -28,7 +36,7 @@ from torch import nn
 from ..distiller import Distiller
 from .augment import augment_batch
 from .batches import TrainStream, build_datasets, eval_batches
-from .build import build_explainers, build_model, build_teacher, load_model_file, model_record, save_model
+from .build import build_explainers, build_model, build_teacher, load_model_file, model_record, save_model, teacher_weights_available
 from .checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from .config import Amp, ExperimentConfig, save_config, to_dict
 from .distributed import DistInfo, all_reduce_sum, broadcast_flag, init_distributed, shutdown
@@ -145,6 +153,50 @@ def _dry_run(model: nn.Module, teacher: Optional[nn.Module], explainers, x: torc
         model.train(was)
 
 
+def _dry_run_frozen(model: nn.Module, explainers, probe: Dict[str, torch.Tensor], device: torch.device, d, multilabel: bool) -> None:
+    """One frozen-distillation forward on two stored samples: class counts, map channels and
+    the student explainer fail here, before training, with their own messages."""
+    was = model.training
+    model.eval()
+    try:
+        check = Distiller(None, model, explainer=explainers, lam=max(d.lam, 1.0), temperature=d.temperature, multilabel=multilabel)
+        check(probe["image"].to(device), teacher_logits=probe["teacher_logits"].to(device),
+              teacher_maps=probe["teacher_maps"].to(device))
+    finally:
+        model.train(was)
+        model.zero_grad(set_to_none=True)
+
+
+def _frozen_evaluation(cfg: ExperimentConfig, frozen, data: Dict[str, Any], explainers, in_chans: int, device):
+    """The teacher side of the final evaluation of a frozen run: (teacher, data, note).
+
+    Teacher weights named by the config are loaded now (after training) and must match the
+    store's fingerprint; otherwise a store of the evaluation split (``teacher.frozen_eval``)
+    gives the teacher's logits and maps per evaluation image; otherwise there is no teacher
+    and ``note`` says why agreement is missing.
+    """
+    if teacher_weights_available(cfg):
+        teacher = build_teacher(cfg, num_classes=frozen.store.num_classes, in_chans=in_chans)
+        from ..frozen import teacher_fingerprint
+
+        frozen.store.check({"teacher_id": teacher_fingerprint(teacher)})
+        return teacher.to(device), data, None
+    if cfg.teacher.frozen_eval is not None:
+        from ..frozen import FrozenDataset
+        from .frozen import open_store
+
+        opened = open_store(cfg, "eval", data["eval"], teacher_explainer=explainers[0], num_classes=frozen.store.num_classes,
+                            verify_teacher=False)
+        opened.store.check({"teacher_id": frozen.store.teacher_id})
+        data = dict(data, eval=FrozenDataset(data["eval"], opened.store, check_dataset=False))
+        return None, data, None
+    return None, data, (
+        "agreement unavailable: the student was distilled from the frozen store without teacher weights; give "
+        "teacher.checkpoint (loaded for evaluation only) or a store of the evaluation split (e2kd freeze --split eval, "
+        "then teacher.frozen_eval=PATH)"
+    )
+
+
 def _resolve_resume(cfg: ExperimentConfig, ckpt_dir: Path) -> Optional[Path]:
     if cfg.resume == "none":
         found = latest_checkpoint(ckpt_dir)
@@ -219,11 +271,28 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     # ---- models ------------------------------------------------------------------------
     teacher = None
     explainers = None
+    frozen = None
+    stream_ds = train_ds
     if mode == "distill":
-        teacher = build_teacher(cfg, num_classes=int(train_ds.num_classes), in_chans=in_chans)
-        num_classes = int(model_record(teacher).get("num_classes") or train_ds.num_classes)
         explainers = build_explainers(cfg.distill)
+        if cfg.teacher.frozen is not None:
+            from ..frozen import FrozenDataset
+            from .augment import check_mirrored
+            from .frozen import open_store
+
+            check_mirrored(cfg.data.augment)
+            frozen = open_store(cfg, "train", train_ds, teacher_explainer=explainers[0], num_classes=cfg.teacher.num_classes)
+            num_classes = frozen.store.num_classes
+            stream_ds = FrozenDataset(train_ds, frozen.store, check_dataset=False)
+        else:
+            # The teacher's construction draws no random numbers from the run's stream, so the
+            # student starts from the same weights whether the teacher is live or frozen.
+            with torch.random.fork_rng(devices=[]):
+                teacher = build_teacher(cfg, num_classes=int(train_ds.num_classes), in_chans=in_chans)
+            num_classes = int(model_record(teacher).get("num_classes") or train_ds.num_classes)
     else:
+        if cfg.teacher.frozen is not None:
+            raise ValueError("teacher.frozen applies to distill; set teacher.frozen=null for train-teacher")
         num_classes = int(train_ds.num_classes)
     if int(eval_ds.num_classes) != num_classes:
         raise ValueError(
@@ -247,12 +316,15 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
         model.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
-    n_probe = min(2, len(train_ds))
-    if callable(getattr(train_ds, "batch", None)):
-        probe = train_ds.batch(torch.arange(n_probe))
+    n_probe = min(2, len(stream_ds))
+    if callable(getattr(stream_ds, "batch", None)):
+        probe = stream_ds.batch(torch.arange(n_probe))
     else:
-        probe = {k: torch.stack(v) for k, v in _stack_samples([train_ds[i] for i in range(n_probe)]).items()}
-    _dry_run(model, teacher, explainers, probe["image"].to(device), multilabel)
+        probe = {k: torch.stack(v) for k, v in _stack_samples([stream_ds[i] for i in range(n_probe)]).items()}
+    if frozen is not None:
+        _dry_run_frozen(model, explainers, probe, device, cfg.distill, multilabel)
+    else:
+        _dry_run(model, teacher, explainers, probe["image"].to(device), multilabel)
 
     guidance = None
     if cfg.guidance.kind is not None:
@@ -282,7 +354,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
         model.zero_grad(set_to_none=True)
 
     stream = TrainStream(
-        train_ds, batch_size=cfg.optim.batch_size, seed=cfg.seed, info=info, in_memory=cfg.data.in_memory, num_workers=cfg.num_workers
+        stream_ds, batch_size=cfg.optim.batch_size, seed=cfg.seed, info=info, in_memory=cfg.data.in_memory, num_workers=cfg.num_workers
     )
     accum = cfg.optim.grad_accum
     steps_per_epoch = max(stream.per_epoch // accum, 1)
@@ -337,7 +409,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             run_dir / "env.json",
             environment_record(
                 data={"sampling": sampling, "datasets": hashes},
-                extra={"world_size": info.world_size, "mode": mode, "resumed_from": str(resume_from) if resume_from else None},
+                extra={"world_size": info.world_size, "mode": mode, "resumed_from": str(resume_from) if resume_from else None,
+                   "frozen_store": frozen.record() if frozen is not None else None},
             ),
         )
         metrics.truncate_after(step)
@@ -372,7 +445,14 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
             if distiller is not None:
-                out = distiller(x)
+                if frozen is not None:
+                    out = distiller(
+                        x,
+                        teacher_logits=batch["teacher_logits"].to(device, non_blocking=True),
+                        teacher_maps=batch["teacher_maps"].to(device, non_blocking=True),
+                    )
+                else:
+                    out = distiller(x)
                 terms = {"kd_loss": out["kd_loss"], "exp_loss": out["exp_loss"]}
                 loss = out["loss"]
                 if cfg.distill.gt_weight > 0:
@@ -495,7 +575,16 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
         save_model(run_dir / "model.safetensors", model)
 
     # ---- evaluation --------------------------------------------------------------------
+    note = None
+    if frozen is not None:
+        teacher, data, note = _frozen_evaluation(cfg, frozen, data, explainers, in_chans, device)
     results = evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_dtype)
+    if frozen is not None:
+        results["frozen_store"] = frozen.record()
+        if note is not None:
+            results["agreement_note"] = note
+            if info.is_main:
+                print(f"note: {note}", file=sys.stderr)
     results.update(steps=step, epochs=round(stream.epoch, 4), wall_time_s=round(time.time() - t_start, 2), world_size=info.world_size)
     if info.is_main:
         for split in ("eval", "val"):
