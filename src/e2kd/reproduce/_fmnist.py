@@ -50,7 +50,7 @@ def ensure_teacher(
     name: str,
     overrides: Sequence[str] = (),
     *,
-    busy_s: float = 300.0,
+    busy_s: float = 1200.0,
     wait_s: float = 4 * 3600.0,
     poll_s: float = 10.0,
 ) -> Path:

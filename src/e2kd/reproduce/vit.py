@@ -28,7 +28,7 @@ from ..report.figures import curve_figure
 from ..train.build import load_model_file
 from ._common import ExperimentResult, register_experiment, run_config
 from ._fmnist import TestSet, config_path, ensure_teacher, score_run
-from .fewshot import QUICK_TEACHER
+from .fewshot import BCOS_TEACHER, BCOS_TEACHER_NAME, QUICK_TEACHER
 
 __all__ = ["VitSize", "FULL", "QUICK", "vit", "measure_shift"]
 
@@ -54,14 +54,14 @@ class VitSize:
     test_limit: Optional[int]
     shift_images: int
     max_shift: int
-    teacher_suffix: str = ""
-    teacher_overrides: Tuple[str, ...] = ()
+    teacher_name: str = BCOS_TEACHER_NAME
+    teacher_overrides: Tuple[str, ...] = BCOS_TEACHER
 
 
-FULL = VitSize(steps=100, batch_size=32, depth=2, eval_limit=300, test_limit=None, shift_images=100, max_shift=8)
+FULL = VitSize(steps=60, batch_size=32, depth=2, eval_limit=300, test_limit=None, shift_images=100, max_shift=8)
 QUICK = VitSize(
     steps=2, batch_size=8, depth=1, eval_limit=20, test_limit=200, shift_images=8, max_shift=4,
-    teacher_suffix="-quick", teacher_overrides=QUICK_TEACHER,
+    teacher_name=BCOS_TEACHER_NAME + "-quick", teacher_overrides=QUICK_TEACHER,
 )
 
 
@@ -85,7 +85,7 @@ def run_vit(exp_dir: Path, *, size: VitSize, seeds: Sequence[int]) -> Experiment
     shifted = TestSet(limit=size.shift_images, pad=size.max_shift // 2 + size.max_shift % 2)
     # pad P/2 on each side (rounded up): windows of 28 + 2·pad − P >= 28 pixels cover the garment
     teacher = ensure_teacher(
-        exp_dir, "configs/fmnist/teacher_bcos.yaml", "fmnist-teacher-bcos" + size.teacher_suffix, size.teacher_overrides
+        exp_dir, "configs/fmnist/teacher_bcos.yaml", size.teacher_name, size.teacher_overrides
     )
     t_model = load_model_file(teacher, in_chans=1)
     t_curves, t_summary = measure_shift(t_model, shifted.x, max_shift=size.max_shift)
