@@ -46,14 +46,16 @@ class Pair:
     teacher_name: str
 
 
-# The B-cos teacher of the full size: configs/fmnist/teacher_bcos.yaml cut to 100 steps of batch 64
-# (6,400 images), what a shared 2-core CPU affords next to the students.
+# The teachers of the full size: configs/fmnist/teacher.yaml and teacher_bcos.yaml cut to 100
+# steps of batch 64 (6,400 images), what a shared 2-core CPU affords next to the students.
+TEACHER_NAME = "fmnist-teacher-100steps"
+TEACHER = ("optim.max_steps=100", "optim.batch_size=64", "data.eval_limit=2000", "eval.localisation=false")
 BCOS_TEACHER_NAME = "fmnist-teacher-bcos-100steps"
 BCOS_TEACHER = ("optim.max_steps=100", "optim.batch_size=64", "optim.warmup_epochs=0", "optim.warmup_steps=10",
                 "data.eval_limit=2000", "eval.localisation=false")
 
 PAIRS = {
-    "gradcam": Pair("GradCAM", "gradcam", "configs/fmnist/teacher.yaml", "fmnist-teacher"),
+    "gradcam": Pair("GradCAM", "gradcam", "configs/fmnist/teacher.yaml", TEACHER_NAME),
     "bcos": Pair("B-cos", "bcos", "configs/fmnist/teacher_bcos.yaml", BCOS_TEACHER_NAME),
 }
 
@@ -86,11 +88,11 @@ FULL = FewshotSize(
     val_per_class=20,
     eval_limit=500,
     test_limit=None,
-    teacher_overrides={"gradcam": (), "bcos": BCOS_TEACHER},
+    teacher_overrides={"gradcam": TEACHER, "bcos": BCOS_TEACHER},
 )
 
 # A tiny teacher for the quick size (CI): a few steps on a few hundred images.
-QUICK_TEACHER = ("data.limit=400", "optim.max_steps=6", "optim.batch_size=64", "model.kwargs.width=8",
+QUICK_TEACHER = ("data.limit=256", "optim.max_steps=4", "optim.batch_size=64", "model.kwargs.width=8",
                  "data.eval_limit=100", "eval.localisation=false")
 
 QUICK = FewshotSize(

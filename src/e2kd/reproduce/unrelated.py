@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._common import ExperimentResult, register_experiment, run_config
 from ._fmnist import TestSet, config_path, ensure_teacher, score_run
-from .fewshot import QUICK_TEACHER
+from .fewshot import QUICK_TEACHER, TEACHER, TEACHER_NAME
 
 __all__ = ["UnrelatedSize", "FULL", "QUICK", "LAM", "TEMPERATURE", "unrelated"]
 
@@ -47,14 +47,14 @@ class UnrelatedSize:
     eval_limit: int
     test_limit: Optional[int]
     student_kwargs: Tuple[str, ...] = ()
-    teacher_suffix: str = ""
-    teacher_overrides: Tuple[str, ...] = ()
+    teacher_name: str = TEACHER_NAME
+    teacher_overrides: Tuple[str, ...] = TEACHER
 
 
 FULL = UnrelatedSize(limit=5000, steps=80, batch_size=50, eval_limit=500, test_limit=None)
 QUICK = UnrelatedSize(
     limit=200, steps=3, batch_size=20, eval_limit=50, test_limit=300,
-    student_kwargs=("model.kwargs.width=8",), teacher_suffix="-quick", teacher_overrides=QUICK_TEACHER,
+    student_kwargs=("model.kwargs.width=8",), teacher_name=TEACHER_NAME + "-quick", teacher_overrides=QUICK_TEACHER,
 )
 
 
@@ -62,7 +62,7 @@ def run_unrelated(exp_dir: Path, *, size: UnrelatedSize, seeds: Sequence[int]) -
     """KD and e²KD students distilled on each unrelated dataset, every seed; scored on Fashion-MNIST test."""
     exp_dir = Path(exp_dir)
     test = TestSet(limit=size.test_limit)
-    teacher = ensure_teacher(exp_dir, "configs/fmnist/teacher.yaml", "fmnist-teacher" + size.teacher_suffix, size.teacher_overrides)
+    teacher = ensure_teacher(exp_dir, "configs/fmnist/teacher.yaml", size.teacher_name, size.teacher_overrides)
     records: List[Dict] = []
     for source, (label, cfg_key) in SOURCES.items():
         for method, lam in (("KD", 0.0), ("e²KD", LAM)):
