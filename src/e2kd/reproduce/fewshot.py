@@ -79,7 +79,7 @@ class FewshotSize:
 
 
 FULL = FewshotSize(
-    shots={"gradcam": (10, 50, 200, None), "bcos": (10, 50)},
+    shots={"gradcam": (10, 50), "bcos": (10, 50)},
     steps={"gradcam": 50, "bcos": 30},
     batch_size=50,
     sweep_k=50,

@@ -51,11 +51,38 @@ class UnrelatedSize:
     teacher_overrides: Tuple[str, ...] = TEACHER
 
 
-FULL = UnrelatedSize(limit=5000, steps=80, batch_size=50, eval_limit=500, test_limit=None)
+FULL = UnrelatedSize(limit=5000, steps=50, batch_size=50, eval_limit=500, test_limit=None)
 QUICK = UnrelatedSize(
     limit=200, steps=3, batch_size=20, eval_limit=50, test_limit=300,
     student_kwargs=("model.kwargs.width=8",), teacher_name=TEACHER_NAME + "-quick", teacher_overrides=QUICK_TEACHER,
 )
+
+
+def distil_one(exp_dir: Path, size: UnrelatedSize, teacher: Path, source: str, lam: float, seed: int) -> Path:
+    """One student distilled on ``source`` images (KD when ``lam`` is 0); returns its run folder."""
+    cfg_key = SOURCES[source][1]
+    method = "kd" if lam == 0 else "e2kd"
+    overrides = [
+        f"teacher.checkpoint={teacher}",
+        f"data.name={source}",
+        f"data.limit={size.limit}",
+        f"data.eval_limit={size.eval_limit}",
+        f"distill.lam={lam}",
+        f"distill.temperature={TEMPERATURE}",
+        f"optim.max_steps={size.steps}",
+        f"optim.batch_size={size.batch_size}",
+        "eval.localisation=false",
+        "eval_batch_size=250",
+        "checkpoint_every=0",
+        f"log_every={max(size.steps // 4, 1)}",
+        "progress=false",
+        f"seed={seed}",
+        *size.student_kwargs,
+    ]
+    return run_config(
+        config_path(f"configs/fmnist/unrelated_{cfg_key}_{method}.yaml"), overrides,
+        mode="distill", out_dir=Path(exp_dir) / "runs", name=f"{cfg_key}-{method}-lam{lam:g}-T{TEMPERATURE:g}-s{seed}",
+    )
 
 
 def run_unrelated(exp_dir: Path, *, size: UnrelatedSize, seeds: Sequence[int]) -> ExperimentResult:
@@ -64,31 +91,10 @@ def run_unrelated(exp_dir: Path, *, size: UnrelatedSize, seeds: Sequence[int]) -
     test = TestSet(limit=size.test_limit)
     teacher = ensure_teacher(exp_dir, "configs/fmnist/teacher.yaml", size.teacher_name, size.teacher_overrides)
     records: List[Dict] = []
-    for source, (label, cfg_key) in SOURCES.items():
+    for source, (label, _) in SOURCES.items():
         for method, lam in (("KD", 0.0), ("e²KD", LAM)):
             for seed in seeds:
-                overrides = [
-                    f"teacher.checkpoint={teacher}",
-                    f"data.name={source}",
-                    f"data.limit={size.limit}",
-                    f"data.eval_limit={size.eval_limit}",
-                    f"distill.lam={lam}",
-                    f"distill.temperature={TEMPERATURE}",
-                    f"optim.max_steps={size.steps}",
-                    f"optim.batch_size={size.batch_size}",
-                    "eval.localisation=false",
-                    "eval_batch_size=250",
-                    "checkpoint_every=0",
-                    f"log_every={max(size.steps // 4, 1)}",
-                    "progress=false",
-                    f"seed={seed}",
-                    *size.student_kwargs,
-                ]
-                name = f"{cfg_key}-{'kd' if lam == 0 else 'e2kd'}-lam{lam:g}-T{TEMPERATURE:g}-s{seed}"
-                run_dir = run_config(
-                    config_path(f"configs/fmnist/unrelated_{cfg_key}_{'kd' if lam == 0 else 'e2kd'}.yaml"), overrides,
-                    mode="distill", out_dir=exp_dir / "runs", name=name,
-                )
+                run_dir = distil_one(exp_dir, size, teacher, source, lam, seed)
                 records.append({"distilled with": label, "method": method, "seed": seed, **score_run(run_dir, test, teacher)})
     teacher_acc = float((test.teacher_pred(teacher) == test.y).float().mean())
     notes = (
