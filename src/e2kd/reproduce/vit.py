@@ -78,6 +78,28 @@ def measure_shift(model: torch.nn.Module, x: torch.Tensor, *, max_shift: int, ba
     return res.curves(), res.summary()
 
 
+def train_student(exp_dir: Path, size: VitSize, teacher: Path, key: str, seed: int) -> Path:
+    """One ViT student: ``key`` "labels" (cross-entropy), "kd" or "e2kd"; returns its run folder."""
+    overrides = [
+        f"model.kwargs.depth={size.depth}",
+        f"data.eval_limit={size.eval_limit}",
+        f"optim.max_steps={size.steps}",
+        f"optim.batch_size={size.batch_size}",
+        f"optim.warmup_steps={max(size.steps // 10, 0)}",
+        "eval_batch_size=100",
+        "checkpoint_every=0",
+        f"log_every={max(size.steps // 4, 1)}",
+        "progress=false",
+        f"seed={seed}",
+    ]
+    if key != "labels":
+        overrides.insert(0, f"teacher.checkpoint={teacher}")
+    return run_config(
+        config_path(f"configs/fmnist/vit_bcos_{key}.yaml"), overrides,
+        mode="teacher" if key == "labels" else "distill", out_dir=Path(exp_dir) / "runs", name=f"vit-{key}-s{seed}",
+    )
+
+
 def run_vit(exp_dir: Path, *, size: VitSize, seeds: Sequence[int]) -> ExperimentResult:
     """ViT on labels, KD and e²KD students for every seed; accuracy, agreement, shift equivariance."""
     exp_dir = Path(exp_dir)
@@ -94,24 +116,7 @@ def run_vit(exp_dir: Path, *, size: VitSize, seeds: Sequence[int]) -> Experiment
     curves: Dict[str, Dict[str, List[float]]] = {"teacher": t_curves}
     for key, label in METHODS:
         for seed in seeds:
-            overrides = [
-                f"model.kwargs.depth={size.depth}",
-                f"data.eval_limit={size.eval_limit}",
-                f"optim.max_steps={size.steps}",
-                f"optim.batch_size={size.batch_size}",
-                f"optim.warmup_steps={max(size.steps // 10, 0)}",
-                "eval_batch_size=100",
-                "checkpoint_every=0",
-                f"log_every={max(size.steps // 4, 1)}",
-                "progress=false",
-                f"seed={seed}",
-            ]
-            if key != "labels":
-                overrides.insert(0, f"teacher.checkpoint={teacher}")
-            run_dir = run_config(
-                config_path(f"configs/fmnist/vit_bcos_{key}.yaml"), overrides,
-                mode="teacher" if key == "labels" else "distill", out_dir=exp_dir / "runs", name=f"vit-{key}-s{seed}",
-            )
+            run_dir = train_student(exp_dir, size, teacher, key, seed)
             scores = score_run(run_dir, test, teacher)
             s_curves, s_summary = measure_shift(load_model_file(run_dir, in_chans=1), shifted.x, max_shift=size.max_shift)
             records.append({"model": label, "seed": seed, **scores, **s_summary})
