@@ -100,6 +100,22 @@ def train_student(exp_dir: Path, size: VitSize, teacher: Path, key: str, seed: i
     )
 
 
+def shift_of_run(run_dir: Path, x: torch.Tensor, *, max_shift: int):
+    """:func:`measure_shift` of a run's model, cached in ``run_dir/shift_equivariance.json``."""
+    import json
+
+    from ..train.runfolder import atomic_write_json
+
+    cache = Path(run_dir) / "shift_equivariance.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("num_images") == int(x.shape[0]) and saved.get("max_shift") == max_shift:
+            return saved["curves"], saved["summary"]
+    curves, summary = measure_shift(load_model_file(Path(run_dir), in_chans=1), x, max_shift=max_shift)
+    atomic_write_json(cache, {"num_images": int(x.shape[0]), "max_shift": max_shift, "curves": curves, "summary": summary})
+    return curves, summary
+
+
 def run_vit(exp_dir: Path, *, size: VitSize, seeds: Sequence[int]) -> ExperimentResult:
     """ViT on labels, KD and e²KD students for every seed; accuracy, agreement, shift equivariance."""
     exp_dir = Path(exp_dir)
@@ -118,7 +134,7 @@ def run_vit(exp_dir: Path, *, size: VitSize, seeds: Sequence[int]) -> Experiment
         for seed in seeds:
             run_dir = train_student(exp_dir, size, teacher, key, seed)
             scores = score_run(run_dir, test, teacher)
-            s_curves, s_summary = measure_shift(load_model_file(run_dir, in_chans=1), shifted.x, max_shift=size.max_shift)
+            s_curves, s_summary = shift_of_run(run_dir, shifted.x, max_shift=size.max_shift)
             records.append({"model": label, "seed": seed, **scores, **s_summary})
             curves[f"{label} (seed {seed})"] = s_curves
     fig = {"B-cos ResNet-18 teacher": (t_curves["shift"], t_curves["cosine"])}
