@@ -10,6 +10,7 @@ first ``eval_limit`` test images and gives ``explanation_similarity``.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -18,6 +19,7 @@ import torch
 
 from ..data import build_dataset
 from ..train.build import load_model_file
+from ..train.runfolder import atomic_write_json
 from ._common import read_results, run_config
 
 __all__ = ["config_path", "ensure_teacher", "TestSet", "predict", "score_run", "teacher_root"]
@@ -86,10 +88,17 @@ class TestSet:
         return int(self.y.shape[0])
 
     def teacher_pred(self, teacher_dir: Path) -> torch.Tensor:
-        """Top-1 predictions of the teacher in ``teacher_dir`` (computed once), shape (N,)."""
+        """Top-1 predictions of the teacher in ``teacher_dir``, shape (N,); computed once and kept
+        in ``teacher_dir/test_predictions_<N>.json`` (the first N test images)."""
         key = str(Path(teacher_dir).resolve())
         if key not in self._teacher_pred:
-            self._teacher_pred[key] = predict(load_model_file(Path(teacher_dir), in_chans=1), self.x)
+            cache = Path(teacher_dir) / f"test_predictions_{len(self)}.json"
+            weights = Path(teacher_dir) / "model.safetensors"
+            if cache.is_file() and cache.stat().st_mtime >= weights.stat().st_mtime:
+                self._teacher_pred[key] = torch.tensor(json.loads(cache.read_text(encoding="utf-8")), dtype=torch.long)
+            else:
+                self._teacher_pred[key] = predict(load_model_file(Path(teacher_dir), in_chans=1), self.x)
+                atomic_write_json(cache, self._teacher_pred[key].tolist())
         return self._teacher_pred[key]
 
 
