@@ -1,0 +1,132 @@
+"""The fewshot, unrelated and vit reproductions at their quick size, end to end.
+
+Each test runs ``run_experiment(NAME, quick=True)`` into one shared folder (the tiny quick
+teachers are trained once, by the first test that needs them, and reused), then checks the
+written ``results.json`` / ``table.md`` and recomputes accuracy and agreement of one student
+from its saved weights.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from e2kd.data import build_dataset
+from e2kd.reproduce import run_experiment
+from e2kd.reproduce._fmnist import ensure_teacher
+from e2kd.train.build import load_model_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("reproduce")
+
+
+def _load(exp_dir: Path):
+    with open(exp_dir / "results.json", encoding="utf-8") as fh:
+        return json.load(fh), (exp_dir / "table.md").read_text(encoding="utf-8")
+
+
+def _recompute(run_dir: Path, teacher_dir: Path, n: int):
+    """Accuracy and agreement on the first n Fashion-MNIST test images, computed here."""
+    ds = build_dataset("fashion_mnist", "test")
+    x, y = ds.images[:n].float() / 255.0, ds.labels[:n]
+    with torch.no_grad():
+        s = load_model_file(run_dir, in_chans=1).eval()(x).argmax(1)
+        t = load_model_file(teacher_dir, in_chans=1).eval()(x).argmax(1)
+    return float((s == y).float().mean()), float((s == t).float().mean())
+
+
+@pytest.mark.timeout(300)
+def test_fewshot_quick(out):
+    t0 = time.time()
+    exp = run_experiment("fewshot", out_dir=out, quick=True)
+    wall = time.time() - t0
+    res, table = _load(exp)
+    settings = {(r["pair"], r["k"], r["method"]) for r in res["rows"]}
+    assert settings == {("GradCAM", "10", "KD"), ("GradCAM", "10", "e²KD"), ("GradCAM", "all", "KD"),
+                        ("GradCAM", "all", "e²KD"), ("B-cos", "10", "KD"), ("B-cos", "10", "e²KD")}
+    for row in res["rows"]:
+        assert row["seeds"] == 1 and all(0.0 <= v <= 1.0 for v in row["accuracy"] + row["agreement"])
+        assert f"| {row['pair']} | {row['k']} | {row['method']} |" in table
+    assert "Published (Parchami-Araghi" in table and "Sweep (selection by val Acc" in table
+    # the selection: KD's T and e²KD's λ maximise validation accuracy among the sweep runs
+    for pair, chosen in res["chosen"].items():
+        kd = [r for r in res["sweep"] if r["pair"] == pair and r["method"] == "KD"]
+        e2 = [r for r in res["sweep"] if r["pair"] == pair and r["method"] == "e²KD"]
+        assert chosen["T"] in [r["T"] for r in kd if r["val_accuracy"] == max(q["val_accuracy"] for q in kd)]
+        assert chosen["lam"] in [r["lam"] for r in e2 if r["val_accuracy"] == max(q["val_accuracy"] for q in e2)]
+        assert all(r["T"] == chosen["T"] for r in e2)
+    # one student's scores, recomputed from its weights on the same test images
+    rec = next(r for r in res["records"] if r["pair"] == "GradCAM" and r["k"] == "10" and r["method"] == "KD")
+    acc, agr = _recompute(exp / "runs" / "gradcam-k10-lam0-T1-s0", out / "teachers" / "fmnist-teacher-100steps-quick",
+                          res["num_test_images"])
+    assert rec["accuracy"] == pytest.approx(acc, abs=1e-6) and rec["agreement"] == pytest.approx(agr, abs=1e-6)
+    # the k=10 run saw 10 images per class; "all" drew from the whole training split minus validation
+    cfg = (exp / "runs" / "gradcam-k10-lam0-T1-s0" / "config.yaml").read_text()
+    assert "shots: 10" in cfg and "val_per_class: 5" in cfg
+    print(f"fewshot quick: {wall:.0f} s")
+
+
+@pytest.mark.timeout(300)
+def test_unrelated_quick(out):
+    exp = run_experiment("unrelated", out_dir=out, quick=True)
+    res, table = _load(exp)
+    assert {(r["distilled with"], r["method"]) for r in res["rows"]} == {
+        ("MNIST digits", "KD"), ("MNIST digits", "e²KD"), ("animal silhouettes", "KD"), ("animal silhouettes", "e²KD")}
+    for name in ("MNIST digits", "animal silhouettes"):
+        assert f"| {name} | KD |" in table and f"| {name} | e²KD |" in table
+    # students were distilled on the unrelated images and scored on Fashion-MNIST test
+    run = exp / "runs" / f"mnist-e2kd-lam{res['lam']:g}-T{res['temperature']:g}-s0"
+    cfg = (run / "config.yaml").read_text()
+    assert "name: mnist_digits" in cfg and "eval_name: fashion_mnist" in cfg
+    rec = next(r for r in res["records"] if r["distilled with"] == "MNIST digits" and r["method"] == "e²KD")
+    acc, agr = _recompute(run, out / "teachers" / "fmnist-teacher-100steps-quick", res["num_test_images"])
+    assert rec["accuracy"] == pytest.approx(acc, abs=1e-6) and rec["agreement"] == pytest.approx(agr, abs=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_vit_quick(out):
+    exp = run_experiment("vit", out_dir=out, quick=True)
+    res, table = _load(exp)
+    models = [r["model"] for r in res["rows"]]
+    assert models == ["B-cos ResNet-18 teacher", "ViT on labels", "ViT KD", "ViT e²KD"]
+    for m in models:
+        assert f"| {m} |" in table
+    png = (exp / "shift_equivariance.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    for label, c in res["curves"].items():
+        assert c["shift"] == list(range(len(c["shift"])))
+        # shift 0 compares a map with itself: cosine 1 (or 0 for an all-zero map), prediction unchanged
+        assert c["cosine"][0] == pytest.approx(1.0, abs=1e-4) or c["cosine"][0] == pytest.approx(0.0, abs=1e-6)
+        assert c["prediction_stability"][0] == 1.0
+    vit_cfg = (exp / "runs" / "vit-e2kd-s0" / "config.yaml").read_text()
+    assert "bcos_vit_tiny_small" in vit_cfg and "explainer: bcos" in vit_cfg
+
+
+def test_ensure_teacher_waits_for_a_run_being_written(tmp_path):
+    """A teacher folder that another process is writing (fresh files, no results.json) is not
+    trained a second time: ensure_teacher waits, and gives up with a TimeoutError."""
+    exp = tmp_path / "fewshot"
+    busy = tmp_path / "teachers" / "t"
+    busy.mkdir(parents=True)
+    (busy / "metrics.jsonl").write_text("{}\n")
+    t0 = time.time()
+    with pytest.raises(TimeoutError, match="still being trained"):
+        ensure_teacher(exp, "configs/fmnist/teacher.yaml", "t", wait_s=0.3, poll_s=0.1)
+    assert 0.3 <= time.time() - t0 < 5
+    assert sorted(p.name for p in busy.iterdir()) == ["metrics.jsonl"]  # nothing started
+
+
+def test_ensure_teacher_reuses_a_finished_run(tmp_path):
+    done = tmp_path / "teachers" / "t"
+    done.mkdir(parents=True)
+    (done / "results.json").write_text("{}")
+    old = time.time() - 10
+    os.utime(done / "results.json", (old, old))
+    assert ensure_teacher(tmp_path / "fewshot", "configs/fmnist/teacher.yaml", "t") == done
