@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
+
+from .._atomic import atomic_write_bytes, remove_stale_temp_files
 
 import torch
 from torch import nn
@@ -182,32 +183,12 @@ def explainer_identity(explainer: Union[str, Mapping, Explainer]) -> dict:
     return {"name": str(getattr(explainer, "name", type(explainer).__name__)).lower(), "settings": settings}
 
 
+write_bytes_atomic = atomic_write_bytes  # the name this package has always used
+
+
 def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
     """Write JSON to a temporary file in the same folder, then ``os.replace`` it into place."""
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes) -> None:
-    path = Path(path)
-    # Hidden temporary name: a kill mid-write leaves ".<name>.*.tmp", which no reader takes
-    # for a store file and the next freeze() removes (see remove_stale_temp_files).
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def remove_stale_temp_files(folder: Union[str, os.PathLike], name: str) -> None:
-    """Delete the temporary files that a killed :func:`write_bytes_atomic` of ``folder/name`` left."""
-    for tmp in Path(folder).glob(f".{name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: Union[str, os.PathLike], what: str) -> dict:

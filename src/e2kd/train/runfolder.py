@@ -14,39 +14,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, List, Optional
 
+from .._atomic import atomic_write_bytes, remove_stale_temp_files
+
 __all__ = ["remove_stale_temp_files", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "MetricsLog", "read_metrics", "environment_record"]
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def remove_stale_temp_files(folder: str | os.PathLike) -> List[Path]:
-    """Delete the ``.<name>.*.tmp`` files that a killed :func:`atomic_write_bytes` left in
-    ``folder``; returns what was removed. Call it only where no other process is writing."""
-    removed = []
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

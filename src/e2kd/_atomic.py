@@ -1,0 +1,42 @@
+"""Atomic file writes shared by every layer that writes files (frozen stores, run folders)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ["atomic_write_bytes", "remove_stale_temp_files"]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path``, fsync it, then ``os.replace``.
+
+    A kill mid-write leaves only ``.<name>.*.tmp``, which no reader takes for the real file and
+    :func:`remove_stale_temp_files` deletes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, name: Optional[str] = None) -> List[Path]:
+    """Delete the temporary files a killed :func:`atomic_write_bytes` left in ``folder`` (only
+    those of ``folder/name`` when ``name`` is given); returns what was removed. Call it only
+    where no other process is writing."""
+    removed = []
+    for tmp in Path(folder).glob(f".{name}.*.tmp" if name else ".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
