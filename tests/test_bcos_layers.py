@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import e2kd
 from e2kd.bcos import (
@@ -140,3 +141,38 @@ def test_dynamic_factor_functions_have_the_exact_derivative_and_second_derivativ
     for fn, inputs in cases:
         assert torch.autograd.gradcheck(fn, inputs)
         assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("stride,padding,k,size", [(1, 1, 3, 7), (2, 1, 3, 7), (2, 3, 7, 9), (2, 0, 1, 8), (1, 0, 1, 5)])
+def test_conv_with_cheap_double_backward_matches_the_native_one(stride, padding, k, size):
+    """_Conv2d (used on CUDA for trained B-cos weights) has the native convolution's value,
+    gradients and second-order gradients, also where stride leaves rows unused (odd sizes)."""
+    from e2kd.bcos.layers import _Conv2d
+
+    torch.manual_seed(0)
+    st, pd = (stride, stride), (padding, padding)
+    x = torch.randn(2, 3, size, size, dtype=torch.double, requires_grad=True)
+    w = torch.randn(4, 3, k, k, dtype=torch.double, requires_grad=True)
+    f = lambda x, w: _Conv2d.apply(x, w, st, pd)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w))
+    assert torch.autograd.gradgradcheck(f, (x, w))
+    y, y_ref = f(x, w), F.conv2d(x, w, None, st, pd)
+    assert torch.allclose(y, y_ref)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad((y * g).sum(), x, create_graph=True)
+    (gx_ref,) = torch.autograd.grad((y_ref * g).sum(), x, create_graph=True)
+    assert torch.allclose(gx, gx_ref)
+    (gw,) = torch.autograd.grad(gx.square().sum(), w)
+    (gw_ref,) = torch.autograd.grad(gx_ref.square().sum(), w)
+    assert torch.allclose(gw, gw_ref)
+
+
+def test_conv_dispatch_native_on_cpu_and_for_frozen_weights():
+    from e2kd.bcos import layers
+
+    x = torch.rand(1, 2, 5, 5)
+    w = torch.rand(3, 2, 3, 3, requires_grad=True)
+    y = layers.conv2d(x, w, (1, 1), (1, 1))
+    assert "Convolution" in type(y.grad_fn).__name__  # the native node on the CPU
+    with torch.no_grad():
+        assert layers.conv2d(x, w, (1, 1), (1, 1)).grad_fn is None

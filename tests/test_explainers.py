@@ -173,3 +173,57 @@ def test_non_float_input_and_unknown_layer():
         GradCAM("layer9")(_resnet18(), torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="no default layer for Sequential"):
         GradCAM()(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), torch.rand(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("name", ["gradient", "inputxgradient", "bcos"])
+def test_logit_weight_target_is_the_weighted_sum_of_class_maps(name):
+    """A (B, C) float target explains sum_c w_c z_c; for explainers linear in the score's
+    gradient, the map of e_y - e_j equals map(y) - map(j), computed independently."""
+    from e2kd.models import create_model
+
+    torch.manual_seed(0)
+    if name == "bcos":
+        model = create_model("bcos_resnet8_small", num_classes=3, in_chans=1, width=4).eval()
+        explainer = create("bcos", output="contributions")
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6 * 6, 3)).eval()
+        # saliency's absolute value is not linear in the score: take the signed gradient
+        explainer = create(name, absolute=False, reduce_channels="sum") if name == "gradient" else create(name)
+    x = torch.rand(4, 1, 6, 6)
+    y = torch.tensor([0, 1, 2, 1])
+    j = torch.tensor([1, 2, 0, 0])
+    w = F.one_hot(y, 3).float() - F.one_hot(j, 3).float()
+    out = explainer(model, x, w)
+    expected = explainer(model, x, y).maps - explainer(model, x, j).maps
+    assert torch.allclose(out.maps, expected, atol=1e-5)
+    assert torch.equal(out.target, w)
+    # differentiable like any other target (what model guidance trains through)
+    out = explainer(model, x, w, create_graph=True)
+    out.maps.abs().sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_gradcam_logit_weights_match_a_hand_computed_margin_cam():
+    model = _resnet18()  # 7 classes
+    x = torch.rand(2, 3, 32, 32)
+    w = torch.tensor([[1.0, -1.0, 0, 0, 0, 0, 0], [0.0, 0.5, -0.25, -0.25, 0, 0, 0]])
+    out = GradCAM(upsample=False)(model, x, w)
+    acts = {}
+    h = model.layer4.register_forward_hook(lambda m, i, o: acts.setdefault("a", o))
+    logits = model(x)
+    h.remove()
+    (g,) = torch.autograd.grad((logits * w).sum(), acts["a"])
+    cam = F.relu((g.mean(dim=(2, 3), keepdim=True) * acts["a"]).sum(1, keepdim=True))
+    assert torch.allclose(out.maps, cam, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "target,match",
+    [
+        (torch.zeros(2, 3), r"logit weights of shape \(batch, classes\) = \(2, 2\)"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "finite"),
+    ],
+)
+def test_bad_logit_weights(target, match):
+    with pytest.raises(ValueError, match=match):
+        Gradient()(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), torch.rand(2, 1, 2, 2), target)

@@ -239,3 +239,43 @@ def test_guidance_on_bcos_contributions_reaches_every_parameter():
     grads = torch.autograd.grad(out["guidance_loss"], params, allow_unused=True)
     missing = [n for (n, p), g in zip(model.named_parameters(), grads) if g is None or not torch.isfinite(g).all() or g.abs().sum() == 0]
     assert not missing, f"no guidance gradient for {missing}"
+
+
+def test_contrast_weights_by_hand():
+    from e2kd.guidance import contrast_weights
+
+    w = contrast_weights(torch.tensor([0, 2]), torch.zeros(2, 3))
+    assert torch.equal(w, torch.tensor([[1.0, -0.5, -0.5], [-0.5, -0.5, 1.0]]))
+    assert torch.equal(contrast_weights(torch.tensor([1]), torch.zeros(1, 2)), torch.tensor([[-1.0, 1.0]]))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        contrast_weights(torch.tensor([0]), torch.zeros(1, 1))
+
+
+def test_contrast_guidance_charges_the_other_class_evidence_by_hand():
+    """Linear model z = W·vec(x), input×gradient maps: the contrast map of a 2-class model is
+    x ⊙ (W_y - W_other). The background pixel lowers the other logit only: invisible to the
+    true-class energy loss, charged by the contrast one."""
+    from e2kd.explain import InputXGradient
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, -3.0]]))
+    x = torch.ones(1, 1, 2, 2)
+    y = torch.tensor([0])
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # the object is pixel (0, 0); pixel (1, 1) is background
+    plain = GuidanceLoss(kind="energy", explainer=InputXGradient(), weight=1.0)(model, x, y, mask)
+    contrast = GuidanceLoss(kind="energy", explainer=InputXGradient(), weight=1.0, contrast=True)(model, x, y, mask)
+    # true-class map [2, 0, 0, 0]: all positive energy on the object
+    assert plain["guidance_loss"].item() == pytest.approx(0.0)
+    # contrast map (z_0 - z_1): [2, 0, 0, 3]; energy inside 2 of 5
+    assert contrast["guidance_loss"].item() == pytest.approx(1 - 2 / 5)
+    assert contrast["cls_loss"].item() == pytest.approx(F.cross_entropy(torch.tensor([[2.0, -3.0]]), y).item())
+    contrast["loss"].backward()
+    assert model[1].weight.grad[1, 3] != 0  # the other class's background weight is pushed
+
+
+def test_contrast_is_refused_for_multilabel():
+    loss = GuidanceLoss(kind="energy", explainer=GradCAM(), contrast=True)
+    with pytest.raises(ValueError, match="contrast=True is for single-label"):
+        loss(nn.Sequential(nn.Conv2d(1, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()), torch.rand(2, 1, 4, 4),
+             torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.ones(2, 2, 4, 4))

@@ -64,7 +64,7 @@ def test_fewshot_quick(out):
         assert all(r["T"] == chosen["T"] for r in e2)
     # one student's scores, recomputed from its weights on the same test images
     rec = next(r for r in res["records"] if r["pair"] == "GradCAM" and r["k"] == "10" and r["method"] == "KD")
-    acc, agr = _recompute(exp / "runs" / "gradcam-k10-lam0-T1-s0", out / "teachers" / "fmnist-teacher-100steps-quick",
+    acc, agr = _recompute(exp / "runs" / "gradcam-k10-lam0-T1-s0", out / "teachers" / "fmnist-teacher-1epoch-quick",
                           res["num_test_images"])
     assert rec["accuracy"] == pytest.approx(acc, abs=1e-6) and rec["agreement"] == pytest.approx(agr, abs=1e-6)
     # the k=10 run saw 10 images per class; "all" drew from the whole training split minus validation
@@ -86,7 +86,7 @@ def test_unrelated_quick(out):
     cfg = (run / "config.yaml").read_text()
     assert "name: mnist_digits" in cfg and "eval_name: fashion_mnist" in cfg
     rec = next(r for r in res["records"] if r["distilled with"] == "MNIST digits" and r["method"] == "e²KD")
-    acc, agr = _recompute(run, out / "teachers" / "fmnist-teacher-100steps-quick", res["num_test_images"])
+    acc, agr = _recompute(run, out / "teachers" / "fmnist-teacher-1epoch-quick", res["num_test_images"])
     assert rec["accuracy"] == pytest.approx(acc, abs=1e-6) and rec["agreement"] == pytest.approx(agr, abs=1e-6)
 
 

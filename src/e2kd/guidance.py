@@ -12,6 +12,7 @@ looks at the bird) and Pascal VOC (an EPG-optimised and an IoU-optimised teacher
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from .explain.base import Explainer, create
 from .metrics.localisation import as_attribution_maps, energy_pointing_game
 
-__all__ = ["GuidanceLoss", "energy_loss", "l1_loss", "GUIDANCE_KINDS"]
+__all__ = ["GuidanceLoss", "energy_loss", "l1_loss", "contrast_weights", "GUIDANCE_KINDS"]
 
 GUIDANCE_KINDS = ("energy", "l1")
 
@@ -87,8 +88,22 @@ def l1_loss(attributions: torch.Tensor, masks: torch.Tensor, eps: float = 1e-12)
 _LOSSES = {"energy": energy_loss, "l1": l1_loss}
 
 
+def contrast_weights(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    r"""Logit weights (B, C) of the contrast :math:`z_y - \frac{1}{C-1}\sum_{k \ne y} z_k`:
+    1 at the true class, :math:`-1/(C-1)` elsewhere (for :math:`C = 2`, the margin
+    :math:`z_y - z_{1-y}`). A target for any explainer (see ``e2kd.explain.resolve_target``)."""
+    batch, classes = logits.shape
+    if classes < 2:
+        raise ValueError(f"contrast_weights: a contrast needs at least 2 classes, the model has {classes}")
+    labels = labels.reshape(-1).long().to(logits.device)
+    if labels.numel() != batch:
+        raise ValueError(f"contrast_weights: {labels.numel()} labels for {batch} rows of logits")
+    onehot = F.one_hot(labels, classes).float()
+    return onehot - (1.0 - onehot) / (classes - 1)
+
+
 class GuidanceLoss(nn.Module):
-    """Classification loss plus a model-guidance loss on differentiable explanations.
+    r"""Classification loss plus a model-guidance loss on differentiable explanations.
 
     ``forward(model, x, labels, masks)`` runs ONE explained forward pass
     (``explainer(model, x, target, create_graph=True)`` returns the logits and the maps
@@ -129,6 +144,13 @@ class GuidanceLoss(nn.Module):
         or an instance; default ``"gradcam"``.
     weight : float
         Weight of the guidance loss (Rao et al.'s λ_loc).
+    contrast : bool
+        Single-label only. False (Rao et al.): explain the true logit :math:`z_y`. True:
+        explain the contrast :math:`z_y - \frac{1}{C-1}\sum_{k \ne y} z_k` (for two classes the
+        margin that decides the prediction), whose map also holds the other classes' evidence.
+        Guiding :math:`z_y` alone leaves a shortcut open: the background may still lower the
+        *other* logit (negative evidence, which the energy loss does not see), and a
+        100 %-correlated training set rewards exactly that. The contrast map charges it.
     generator : torch.Generator, optional
         Source of the per-step class draws for multi-label batches (on the CPU).
     """
@@ -139,6 +161,7 @@ class GuidanceLoss(nn.Module):
         kind: str = "energy",
         explainer: Union[str, dict, Explainer] = "gradcam",
         weight: float = 1.0,
+        contrast: bool = False,
         generator: Optional[torch.Generator] = None,
     ):
         super().__init__()
@@ -158,6 +181,7 @@ class GuidanceLoss(nn.Module):
         self.kind = kind
         self.explainer = explainer
         self.weight = float(weight)
+        self.contrast = bool(contrast)
         self.generator = generator
 
     def _targets(self, labels: torch.Tensor, masks: torch.Tensor, batch: int):
@@ -169,6 +193,11 @@ class GuidanceLoss(nn.Module):
                 raise ValueError(
                     f"GuidanceLoss: multi-label masks must have shape (B, C, H, W) = ({batch}, {labels.shape[1]}, H, W), "
                     f"got {tuple(masks.shape)}"
+                )
+            if self.contrast:
+                raise ValueError(
+                    "GuidanceLoss: contrast=True is for single-label classification (one true class per image); "
+                    "with multi-hot labels each present class is guided on its own mask: set contrast=False"
                 )
             present = labels.detach() > 0.5
             guided = present.any(dim=1)
@@ -202,6 +231,8 @@ class GuidanceLoss(nn.Module):
         if not torch.is_tensor(labels) or not torch.is_tensor(masks):
             raise ValueError("GuidanceLoss: labels and masks must be tensors")
         target, target_masks, guided = self._targets(labels, masks, x.shape[0])
+        if self.contrast:
+            target = functools.partial(contrast_weights, target)
         out = self.explainer(model, x, target, create_graph=True)
         logits = out.logits
         if labels.is_floating_point():
@@ -232,4 +263,4 @@ class GuidanceLoss(nn.Module):
         }
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, explainer={self.explainer!r}, weight={self.weight}"
+        return f"kind={self.kind!r}, explainer={self.explainer!r}, weight={self.weight}, contrast={self.contrast}"

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..explain.base import Explainer, Explanation, check_logits, register_explainer, resolve_target, unwrap
+from ..explain.base import Explainer, Explanation, check_logits, register_explainer, resolve_target, target_score, unwrap
 from .layers import InputEncoding
 from .mode import constant_factors_backward, explanation_mode
 
@@ -98,7 +98,7 @@ class BcosExplainer(Explainer):
             raise ValueError("BcosExplainer: the model's InputEncoding was not called in the forward pass")
         x_enc = captured[0]
         tgt = resolve_target(logits, target, "BcosExplainer")
-        score = logits.gather(1, tgt[:, None]).sum()
+        score = target_score(logits, tgt)
         if create_graph:
             with constant_factors_backward():
                 (weights,) = torch.autograd.grad(score, x_enc, create_graph=True)

@@ -4,7 +4,7 @@ Every explainer has the signature ``explainer(model, x, target=None, *, create_g
 and returns an :class:`Explanation`. Build one by name with :func:`create`.
 """
 
-from .base import Explainer, Explanation, available, create, register_explainer, resolve_target
+from .base import Explainer, Explanation, available, create, register_explainer, resolve_target, target_score
 from .gradcam import GradCAM, default_gradcam_layer, find_layer
 from .gradient import Gradient, InputXGradient
 
@@ -20,4 +20,5 @@ __all__ = [
     "find_layer",
     "register_explainer",
     "resolve_target",
+    "target_score",
 ]

@@ -8,12 +8,15 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-__all__ = ["Explanation", "Explainer", "TargetOutOfRange", "register_explainer", "create", "available", "resolve_target"]
+__all__ = [
+    "Explanation", "Explainer", "TargetOutOfRange", "register_explainer", "create", "available", "resolve_target",
+    "target_score",
+]
 
 
 @dataclass
 class Explanation:
-    """The output of one explained forward pass.
+    r"""The output of one explained forward pass.
 
     Attributes
     ----------
@@ -22,8 +25,9 @@ class Explanation:
     maps : Tensor, shape (B, K, H, W)
         One explanation per sample for its target class (``K`` = 1 for GradCAM-like maps,
         6 for B-cos dynamic weights, ...).
-    target : Tensor, shape (B,)
-        The explained class of each sample.
+    target : Tensor, shape (B,) or (B, C)
+        The explained class of each sample, or, when the explainer was given logit weights,
+        those weights (B, C): the explained score was :math:`\sum_c w_{bc} z_{bc}`.
     """
 
     logits: torch.Tensor
@@ -63,16 +67,38 @@ class TargetOutOfRange(ValueError):
 
 
 def resolve_target(logits: torch.Tensor, target: Optional[torch.Tensor | int], who: str) -> torch.Tensor:
-    """Class indices to explain: the model's own top-1 when ``target`` is None."""
+    r"""Class indices to explain (the model's own top-1 when ``target`` is None), or logit weights.
+
+    A floating-point ``target`` of shape (B, C) holds logit weights: the explained score of image
+    b is :math:`\sum_c w_{bc} z_{bc}` (see :func:`target_score`), e.g. a margin
+    :math:`z_y - z_j` with :math:`w = e_y - e_j`. They are returned on the logits' device, in fp32.
+    A callable ``target`` is called with the detached logits and returns either form (targets
+    that depend on the prediction, e.g. the runner-up class).
+    """
     batch, classes = logits.shape
     if target is None:
         return logits.detach().argmax(dim=1)
+    if callable(target) and not torch.is_tensor(target):
+        target = target(logits.detach())
     if isinstance(target, int):
         target = torch.full((batch,), target, dtype=torch.long, device=logits.device)
     if not torch.is_tensor(target):
-        raise ValueError(f"{who}: target must be None, an int or a tensor of class indices, got {type(target).__name__}")
-    if target.is_floating_point() or target.is_complex():
-        raise ValueError(f"{who}: target must hold integer class indices, got dtype {target.dtype}")
+        raise ValueError(
+            f"{who}: target must be None, an int, a tensor of class indices or logit weights, or a callable "
+            f"of the logits, got {type(target).__name__}"
+        )
+    if target.is_complex():
+        raise ValueError(f"{who}: target must hold integer class indices or real logit weights, got dtype {target.dtype}")
+    if target.is_floating_point():
+        if target.dim() != 2 or tuple(target.shape) != (batch, classes):
+            raise ValueError(
+                f"{who}: a floating-point target holds logit weights of shape (batch, classes) = "
+                f"{(batch, classes)}, got {tuple(target.shape)}; pass integer class indices of shape "
+                f"({batch},) to explain single classes"
+            )
+        if not bool(torch.isfinite(target).all()):
+            raise ValueError(f"{who}: logit weights must be finite")
+        return target.detach().to(device=logits.device, dtype=torch.float32)
     target = target.reshape(-1).to(device=logits.device, dtype=torch.long)
     if target.numel() != batch:
         raise ValueError(
@@ -82,6 +108,15 @@ def resolve_target(logits: torch.Tensor, target: Optional[torch.Tensor | int], w
         bad = int(target.max()) if int(target.max()) >= classes else int(target.min())
         raise TargetOutOfRange(f"{who}: target index {bad} is out of range for a model with {classes} classes", classes)
     return target
+
+
+def target_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    r"""The scalar whose gradient the explainers take: :math:`\sum_b z_{b,t_b}` for class
+    indices ``target`` (B,), or :math:`\sum_b \sum_c w_{bc} z_{bc}` for logit weights (B, C)
+    (as returned by :func:`resolve_target`)."""
+    if target.dim() == 2:
+        return (logits * target.to(logits.dtype)).sum()
+    return logits.gather(1, target[:, None]).sum()
 
 
 def check_logits(logits: torch.Tensor, x: torch.Tensor, who: str) -> None:

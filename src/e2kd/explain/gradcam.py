@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Explainer, Explanation, check_logits, register_explainer, resolve_target, unwrap
+from .base import Explainer, Explanation, check_logits, register_explainer, resolve_target, target_score, unwrap
 
 __all__ = ["GradCAM", "default_gradcam_layer", "find_layer"]
 
@@ -131,7 +131,7 @@ class GradCAM(Explainer):
             raise ValueError(f"GradCAM: layer {layer_name!r} was not used in the forward pass")
         act = captured[0]
         tgt = resolve_target(logits, target, "GradCAM")
-        score = logits.gather(1, tgt[:, None]).sum()
+        score = target_score(logits, tgt)
         (grad,) = torch.autograd.grad(score, act, create_graph=create_graph)
         weights = grad.mean(dim=(2, 3), keepdim=True)
         cam = (weights * act).sum(dim=1, keepdim=True)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .base import Explainer, Explanation, check_logits, register_explainer, resolve_target
+from .base import Explainer, Explanation, check_logits, register_explainer, resolve_target, target_score
 
 __all__ = ["Gradient", "InputXGradient", "input_gradient"]
 
@@ -18,7 +18,7 @@ def input_gradient(model, x, target, *, create_graph: bool, who: str):
     logits = model(x_in)
     check_logits(logits, x, who)
     tgt = resolve_target(logits, target, who)
-    score = logits.gather(1, tgt[:, None]).sum()
+    score = target_score(logits, tgt)
     (grad,) = torch.autograd.grad(score, x_in, create_graph=create_graph)
     return logits, tgt, x_in, grad
 

@@ -142,6 +142,7 @@ class GuidanceConfig:
     weight: float = 1.0
     explainer: str = "gradcam"
     explainer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    contrast: bool = False  # single-label: guide the map of z_y - mean of the other logits (see GuidanceLoss)
 
 
 @dataclass

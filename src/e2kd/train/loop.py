@@ -341,6 +341,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             kind=cfg.guidance.kind,
             explainer={"name": cfg.guidance.explainer, **cfg.guidance.explainer_kwargs},
             weight=cfg.guidance.weight,
+            contrast=cfg.guidance.contrast,
             generator=torch.Generator(),
         )
 

@@ -1,0 +1,84 @@
+"""Where a training step's time goes: the top operators of KD / e²KD / frozen steps, by device time.
+
+    python -m benchmarks.profile --pair bcos --variants kd,e2kd --device cuda --size 224 --batch 128 --amp bf16 --channels-last
+
+Builds the same steps as :mod:`benchmarks.step` (same models, Distiller and stored outputs),
+runs ``--warmup`` steps, then records ``--steps`` steps of each variant with
+``torch.profiler`` and prints, per variant, the operators with the largest self time on the
+device (CUDA kernels' time on a GPU, CPU time otherwise), their call counts and their share of
+the step. Use it to find what makes one variant dearer than another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .step import PAIRS, VARIANTS, Variant, build_teacher, make_input, sync
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pair", choices=list(PAIRS), default="bcos")
+    p.add_argument("--variants", default="kd,e2kd", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none")
+    p.add_argument("--top", type=int, default=25, help="operators shown per variant")
+    p.add_argument("--teacher", help="override the pair's teacher (a registry name)")
+    p.add_argument("--student", help="override the pair's student (a registry name)")
+    args = p.parse_args(argv)
+    if args.teacher or args.student:
+        t, s_, e = PAIRS[args.pair]
+        PAIRS[args.pair] = (args.teacher or t, args.student or s_, e)
+    args.compile = False
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; choose from {','.join(VARIANTS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but torch sees no CUDA device")
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    teacher = build_teacher(args.pair, args)
+    x = make_input(args)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    print(f"# {args.pair}: {PAIRS[args.pair][0]} -> {PAIRS[args.pair][1]} ({PAIRS[args.pair][2]}), "
+          f"{args.size} px, batch {args.batch}, amp {args.amp}, channels-last {args.channels_last}, "
+          f"{args.steps} profiled steps after {args.warmup} warm-up, device {args.device}")
+    for name in variants:
+        step = Variant(name, teacher, args.pair, args)
+        for _ in range(args.warmup):
+            step(x)
+        sync(args.device)
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                step(x)
+            sync(args.device)
+        events = prof.key_averages()
+        attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+        total = sum(getattr(e, attr, 0.0) for e in events)
+        rows = sorted(events, key=lambda e: getattr(e, attr, 0.0), reverse=True)[: args.top]
+        print(f"\n## {name}: {total / 1e3 / args.steps:.1f} ms of {'device' if cuda else 'CPU'} self time per step")
+        print("| operator | calls / step | ms / step | share |")
+        print("|---|---:|---:|---:|")
+        for e in rows:
+            t = getattr(e, attr, 0.0)
+            print(f"| {e.key[:90]} | {e.count / args.steps:.0f} | {t / 1e3 / args.steps:.2f} | {100 * t / max(total, 1e-9):.1f} % |")
+        del step
+        if cuda:
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
