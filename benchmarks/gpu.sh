@@ -8,7 +8,7 @@
 #    KD, live e2KD, frozen e2KD, lam=0 and explain_every=4 for ResNet-34 -> ResNet-18 (GradCAM),
 #    B-cos ResNet-34 -> B-cos ResNet-18 and B-cos DenseNet-169 -> B-cos ResNet-18.
 #    Then the student-convolution check (python -m benchmarks.bcos_conv: native vs cheap double backward)
-#    and the top operators of the B-cos steps (python -m benchmarks.profile).
+#    and the top operators of the B-cos steps (python -m benchmarks.op_profile).
 # 2. Throughput of a short real distillation loop (python -m benchmarks.throughput, ~100 steps on
 #    synthetic 224 px images, data loading included) for the B-cos pair, KD and e2KD.
 # 3. (last, as the slowest to start) KD and e2KD for the B-cos pair with torch.compile of the student:
@@ -86,7 +86,7 @@ run step_bcos_densenet "$PYTHON" -m benchmarks.step --pair bcos_densenet "${DN[@
 # shellcheck disable=SC2086
 run bcos_conv "$PYTHON" -m benchmarks.bcos_conv "${BC[@]}" "${DEV[@]}" "${SIZE[@]}" --steps "${STEPS[1]}" $FAST
 # shellcheck disable=SC2086
-run profile_bcos "$PYTHON" -m benchmarks.profile --pair bcos "${BC[@]}" --variants kd,e2kd,frozen "${DEV[@]}" "${SIZE[@]}" --steps 2 --warmup 1 --top 12 $FAST
+run profile_bcos "$PYTHON" -m benchmarks.op_profile --pair bcos "${BC[@]}" --variants kd,e2kd,frozen "${DEV[@]}" "${SIZE[@]}" --steps 2 --warmup 1 --top 12 $FAST
 for lam in 0 1; do
   # shellcheck disable=SC2086
   run "throughput_bcos_lam$lam" "$PYTHON" -m benchmarks.throughput "${BC[@]}" --explainer bcos --lam "$lam" "${DEV[@]}" "${SIZE[@]}" "${TPUT_STEPS[@]}" $FAST --json "$OUT/throughput_bcos_lam$lam.json"

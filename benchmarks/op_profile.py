@@ -1,6 +1,6 @@
 """Where a training step's time goes: the top operators of KD / e²KD / frozen steps, by device time.
 
-    python -m benchmarks.profile --pair bcos --variants kd,e2kd --device cuda --size 224 --batch 128 --amp bf16 --channels-last
+    python -m benchmarks.op_profile --pair bcos --variants kd,e2kd --device cuda --size 224 --batch 128 --amp bf16 --channels-last
 
 Builds the same steps as :mod:`benchmarks.step` (same models, Distiller and stored outputs),
 runs ``--warmup`` steps, then records ``--steps`` steps of each variant with
