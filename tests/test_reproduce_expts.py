@@ -88,6 +88,16 @@ def test_unrelated_quick(out):
     rec = next(r for r in res["records"] if r["distilled with"] == "MNIST digits" and r["method"] == "e²KD")
     acc, agr = _recompute(run, out / "teachers" / "fmnist-teacher-1epoch-quick", res["num_test_images"])
     assert rec["accuracy"] == pytest.approx(acc, abs=1e-6) and rec["agreement"] == pytest.approx(agr, abs=1e-6)
+    # T and λ were chosen on Fashion-MNIST training images 59000..59199 (validation), not on test
+    assert [(r["method"], r["lam"], r["T"]) for r in res["sweep"]] == [("KD", 0.0, 1.0), ("e²KD", 1.0, 1.0)]
+    val = json.loads((run / "train59000_scores.json").read_text())
+    assert val["num_test_images"] == 200
+    ds = build_dataset("fashion_mnist", "train")
+    x, y = ds.images[59000:59200].float() / 255.0, ds.labels[59000:59200].long()
+    with torch.no_grad():
+        pred = load_model_file(run, in_chans=1).eval()(x).argmax(1)
+    assert val["accuracy"] == pytest.approx(float((pred == y).float().mean()), abs=1e-6)
+    assert res["sweep"][1]["val_accuracy"] == pytest.approx(val["accuracy"], abs=1e-6)
 
 
 @pytest.mark.timeout(300)

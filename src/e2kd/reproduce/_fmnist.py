@@ -73,26 +73,39 @@ def ensure_teacher(
 
 
 class TestSet:
-    """The Fashion-MNIST test split as tensors: ``x`` (N, 1, 28, 28) in [0, 1], ``y`` (N,)."""
+    """Fashion-MNIST images as tensors: ``x`` (N, 1, 28, 28) in [0, 1], ``y`` (N,).
 
-    def __init__(self, *, limit: Optional[int] = None, pad: int = 0):
-        ds = build_dataset("fashion_mnist", "test")
-        n = len(ds) if limit is None else min(int(limit), len(ds))
-        self.x = ds.images[:n].float() / 255.0
+    By default the test split (its first ``limit`` images). ``split="train"`` with ``offset``
+    takes ``limit`` training images from ``offset`` on: a validation set for experiments whose
+    students never train on Fashion-MNIST (``unrelated``).
+    """
+
+    def __init__(self, *, limit: Optional[int] = None, pad: int = 0, split: str = "test", offset: int = 0):
+        ds = build_dataset("fashion_mnist", split)
+        if not 0 <= int(offset) < len(ds):
+            raise ValueError(f"TestSet: offset {offset} outside the {len(ds)} images of the {split} split")
+        n = len(ds) - int(offset) if limit is None else min(int(limit), len(ds) - int(offset))
+        self.split, self.offset = split, int(offset)
+        self.x = ds.images[offset : offset + n].float() / 255.0
         if pad:
             self.x = torch.nn.functional.pad(self.x, (pad, pad, pad, pad))
-        self.y = ds.labels[:n].long()
+        self.y = ds.labels[offset : offset + n].long()
         self._teacher_pred: Dict[str, torch.Tensor] = {}
+
+    @property
+    def tag(self) -> str:
+        """Names this image set in cache files: ``test`` or e.g. ``train58000``."""
+        return "test" if self.split == "test" and self.offset == 0 else f"{self.split}{self.offset}"
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def teacher_pred(self, teacher_dir: Path) -> torch.Tensor:
         """Top-1 predictions of the teacher in ``teacher_dir``, shape (N,); computed once and kept
-        in ``teacher_dir/test_predictions_<N>.json`` (the first N test images)."""
+        in ``teacher_dir/<tag>_predictions_<N>.json`` (e.g. the first N test images)."""
         key = str(Path(teacher_dir).resolve())
         if key not in self._teacher_pred:
-            cache = Path(teacher_dir) / f"test_predictions_{len(self)}.json"
+            cache = Path(teacher_dir) / f"{self.tag}_predictions_{len(self)}.json"
             weights = Path(teacher_dir) / "model.safetensors"
             if cache.is_file() and cache.stat().st_mtime >= weights.stat().st_mtime:
                 self._teacher_pred[key] = torch.tensor(json.loads(cache.read_text(encoding="utf-8")), dtype=torch.long)
@@ -113,12 +126,13 @@ def score_run(run_dir: Path, test: TestSet, teacher_dir: Optional[Path]) -> Dict
     """Accuracy (and agreement with the teacher) of a run's model on the whole test set, plus
     the run's own ``explanation_similarity`` and validation metrics when it has them.
 
-    The scores are cached in ``run_dir/test_scores.json`` keyed by the test-set size.
+    The scores are cached in ``run_dir/<tag>_scores.json`` (``test_scores.json`` for the test
+    split) keyed by the image-set size.
     """
     from ..train.runfolder import atomic_write_json
     import json
 
-    cache = Path(run_dir) / "test_scores.json"
+    cache = Path(run_dir) / f"{test.tag}_scores.json"
     if cache.is_file():
         with open(cache, encoding="utf-8") as fh:
             saved = json.load(fh)
