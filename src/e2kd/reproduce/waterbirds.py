@@ -35,14 +35,15 @@ _CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "tuxbirds"
 SIZES: Dict[str, Dict[str, Any]] = {
     "full": dict(
         image_size=32,
-        counts={"train": 1000, "val": 300, "test": 600},
+        counts={"train": 3000, "val": 300, "test": 600},
         teacher_width=16,
         student_width=16,
-        teacher_epochs=6,
+        teacher_epochs=12,
         student_epochs=3,
         batch_size=64,
         lr=3e-3,
-        guidance_weight=1.0,
+        guidance_weight=5.0,
+        guidance_contrast=True,
         lams=(1.0, 5.0),
     ),
     "quick": dict(
@@ -55,6 +56,7 @@ SIZES: Dict[str, Dict[str, Any]] = {
         batch_size=32,
         lr=3e-3,
         guidance_weight=1.0,
+        guidance_contrast=True,
         lams=(1.0,),
     ),
 }
@@ -134,7 +136,7 @@ def waterbirds(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experimen
     for name, guided in (("guided", True), ("unguided", False)):
         guidance = (
             ["guidance.kind=energy", f"guidance.weight={size['guidance_weight']}", "guidance.explainer=bcos",
-             "guidance.explainer_kwargs.output=contributions"]
+             "guidance.explainer_kwargs.output=contributions", f"guidance.contrast={str(size['guidance_contrast']).lower()}"]
             if guided else ["guidance.kind=null"]
         )
         teachers[name] = teacher_run(
