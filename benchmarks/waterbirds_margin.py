@@ -4,9 +4,10 @@ For each test image, the B-cos contribution maps of both classes (dynamic weight
 summed over channels; their sum over pixels is the logit up to the bias-free head) give the
 margin z_true − z_other split into the part inside the bird mask and the part outside it.
 
-    PYTHONPATH=src python benchmarks/waterbirds_margin.py RUN_DIR [RUN_DIR ...]
+    PYTHONPATH=src python benchmarks/waterbirds_margin.py RUN_DIR [RUN_DIR ...] [--counts TRAIN,VAL,TEST]
 
-with the reproduction's data settings (32 px, counts 1000/300/600, dataset seed 0).
+on TuxBirds at 32 px, dataset seed 0, counts 1000/300/600 by default (a test image depends only
+on its index, so the test split is the same for any training count).
 """
 
 import sys
@@ -18,9 +19,9 @@ from e2kd.explain.base import create as create_explainer
 from e2kd.train.build import load_model_file
 
 
-def main(run_dirs):
+def main(run_dirs, counts=(1000, 300, 600)):
     torch.set_num_threads(1)
-    ds = build_dataset("tuxbirds", "test", image_size=32, seed=0, counts={"train": 1000, "val": 300, "test": 600})
+    ds = build_dataset("tuxbirds", "test", image_size=32, seed=0, counts=dict(zip(("train", "val", "test"), counts)))
     items = [ds[i] for i in range(len(ds))]
     x = torch.stack([s["image"] for s in items])
     y = torch.stack([s["label"] for s in items])
@@ -43,4 +44,10 @@ def main(run_dirs):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    counts = (1000, 300, 600)
+    if "--counts" in args:
+        i = args.index("--counts")
+        counts = tuple(int(c) for c in args[i + 1].split(","))
+        del args[i : i + 2]
+    main(args, counts)
