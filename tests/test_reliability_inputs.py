@@ -75,6 +75,23 @@ def test_resume_auto_with_another_model_is_refused(tmp_path):
         run(config_from_dict(second), mode="teacher")
 
 
+def test_resume_of_a_run_saved_before_a_config_field_existed(tmp_path):
+    """A field added to the schema since a run started (saved config.yaml lacks it) takes its
+    default: the run resumes. A changed value is still refused."""
+    values = base_config(tmp_path, "x", **{"optim.max_steps": 2, "checkpoint_every": 1})
+    run_dir = run(config_from_dict(values), mode="teacher")
+    (run_dir / "results.json").unlink()  # as if stopped after its last checkpoint
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["guidance"]["contrast"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert run(config_from_dict(values), mode="teacher") == run_dir
+    assert (run_dir / "results.json").is_file()
+    (run_dir / "results.json").unlink()
+    changed = base_config(tmp_path, "x", **{"optim.max_steps": 2, "checkpoint_every": 1, "guidance.weight": 3.0})
+    with pytest.raises(ValueError, match=r"different config \(changed: guidance\)"):
+        run(config_from_dict(changed), mode="teacher")
+
+
 def test_cli_reports_bad_input_as_one_error_line(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(base_config(tmp_path, "x")))

@@ -38,7 +38,7 @@ from .augment import augment_batch
 from .batches import TrainStream, build_datasets, eval_batches
 from .build import build_explainers, build_model, build_teacher, load_model_file, model_record, save_model, teacher_weights_available
 from .checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
-from .config import Amp, ExperimentConfig, save_config, to_dict
+from .config import Amp, ExperimentConfig, config_from_dict, save_config, to_dict
 from .distributed import DistInfo, all_reduce_sum, broadcast_flag, init_distributed, shutdown
 from .evaluate import evaluate
 from .optim import WarmupCosine, adaptive_grad_clip_, build_optimizer, grad_norm
@@ -221,6 +221,10 @@ def _check_same_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     if not path.is_file():
         return
     old = yaml.safe_load(path.read_text()) or {}
+    try:  # a field added to the schema since the run started counts as its default
+        old = to_dict(config_from_dict(old, where=str(path)))
+    except (ValueError, TypeError):
+        pass  # keys the schema no longer knows: compare as saved
     new = to_dict(cfg)
     ignore = {"resume", "progress", "num_workers", "log_every", "device", "tensorboard", "checkpoint_every",
               "keep_checkpoints", "eval_batch_size", "eval"}
