@@ -15,62 +15,40 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from e2kd.bcos import layers
 
-from .step import Variant, build_teacher, make_input, sync
-
-_DISPATCH = layers.conv2d
-
-
-def _native(x, w, stride, padding):
-    return F.conv2d(x, w, None, stride, padding)
-
-
-def _cheap(x, w, stride, padding):
-    if torch.is_grad_enabled() and w.requires_grad:
-        return layers._Conv2d.apply(x, w, tuple(stride), tuple(padding))
-    return F.conv2d(x, w, None, stride, padding)
+from .step import PAIRS, Variant, add_step_args, build_teacher, make_input, override_pair, sync
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--amp", choices=["none", "bf16"], default="none")
-    p.add_argument("--teacher", help="override the teacher (a registry name)")
-    p.add_argument("--student", help="override the student (a registry name)")
+    add_step_args(p, steps=6)
     args = p.parse_args(argv)
     args.compile = False
     torch.set_num_threads(args.threads)
-    from .step import PAIRS
-
-    if args.teacher or args.student:
-        t, s_, e = PAIRS["bcos"]
-        PAIRS["bcos"] = (args.teacher or t, args.student or s_, e)
+    override_pair(args, "bcos")
     teacher = build_teacher("bcos", args)
     x = make_input(args)
-    modes = {"kd": None, "native": _native, "cheap": _cheap}
+    dispatch = layers.conv2d
+    modes = {"kd": dispatch, "native": partial(dispatch, cheap=False), "cheap": partial(dispatch, cheap=True)}
     steps = {name: Variant("kd" if name == "kd" else "e2kd", teacher, "bcos", args) for name in modes}
     times = {name: [] for name in modes}
-    for i in range(args.steps + 1):
-        for name, fn in modes.items():
-            layers.conv2d = fn or _DISPATCH
-            sync(args.device)
-            t = time.perf_counter()
-            steps[name](x)
-            sync(args.device)
-            if i:
-                times[name].append(time.perf_counter() - t)
-    layers.conv2d = _DISPATCH
+    try:
+        for i in range(args.steps + 1):
+            for name, conv in modes.items():
+                layers.conv2d = conv
+                sync(args.device)
+                t = time.perf_counter()
+                steps[name](x)
+                sync(args.device)
+                if i:
+                    times[name].append(time.perf_counter() - t)
+    finally:
+        layers.conv2d = dispatch
     kd = statistics.median(times["kd"])
     print(f"# {PAIRS['bcos'][0]} -> {PAIRS['bcos'][1]}, {args.size} px, batch {args.batch}, amp {args.amp}, "
           f"channels-last {args.channels_last}, device {args.device}, {args.steps} interleaved steps")

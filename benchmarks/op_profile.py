@@ -17,29 +17,18 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .step import PAIRS, VARIANTS, Variant, build_teacher, make_input, sync
+from .step import PAIRS, VARIANTS, Variant, add_step_args, build_teacher, make_input, override_pair, sync
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pair", choices=list(PAIRS), default="bcos")
     p.add_argument("--variants", default="kd,e2kd", help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3)
+    add_step_args(p, steps=3)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--amp", choices=["none", "bf16"], default="none")
     p.add_argument("--top", type=int, default=25, help="operators shown per variant")
-    p.add_argument("--teacher", help="override the pair's teacher (a registry name)")
-    p.add_argument("--student", help="override the pair's student (a registry name)")
     args = p.parse_args(argv)
-    if args.teacher or args.student:
-        t, s_, e = PAIRS[args.pair]
-        PAIRS[args.pair] = (args.teacher or t, args.student or s_, e)
+    override_pair(args, args.pair)
     args.compile = False
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]

@@ -256,31 +256,42 @@ def child_rss(pair: str, variant: str, args) -> float:
     raise RuntimeError(f"RSS subprocess for {pair}/{variant} printed no peak RSS:\n{out.stdout[-2000:]}")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", choices=[*PAIRS, "all"], default="all")
+def add_step_args(p: argparse.ArgumentParser, *, steps: int) -> None:
+    """The arguments that build a benchmarked step (shared by the benchmarks built on this one)."""
     p.add_argument("--teacher", help="override the pair's teacher (a registry name), e.g. for a quick dry run")
     p.add_argument("--student", help="override the pair's student (a registry name)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast dtype (bf16 on GPU)")
+
+
+def override_pair(args, pair: str) -> None:
+    """Apply ``--teacher`` / ``--student`` to ``PAIRS[pair]``."""
+    if args.teacher or args.student:
+        t, s_, e = PAIRS[pair]
+        PAIRS[pair] = (args.teacher or t, args.student or s_, e)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", choices=[*PAIRS, "all"], default="all")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    add_step_args(p, steps=10)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile the student where it works")
     p.add_argument("--rss", action="store_true", help="also measure each variant's peak RSS in a fresh subprocess")
     p.add_argument("--json", help="write all figures to this JSON file")
     p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.teacher or args.student:
-        if args.pair == "all":
-            p.error("--teacher/--student override one pair: give --pair too")
-        t, s_, e = PAIRS[args.pair]
-        PAIRS[args.pair] = (args.teacher or t, args.student or s_, e)
+    if (args.teacher or args.student) and args.pair == "all":
+        p.error("--teacher/--student override one pair: give --pair too")
+    if args.pair != "all":
+        override_pair(args, args.pair)
     if args.steps < 1:
         p.error("--steps must be >= 1")
     if args.size < 32 or args.batch < 1:

@@ -194,12 +194,14 @@ class _Conv2d(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
-    """The B-cos layers' linear convolution: :class:`_Conv2d` on CUDA where a weight is trained
-    (its backward may be differentiated again), the native one otherwise. On the CPU the native
-    second-order pass is the faster one (a B-cos ResNet-18 explanation step at 64 px, batch 32,
-    took 1.16x as long through :class:`_Conv2d`)."""
-    if x.is_cuda and torch.is_grad_enabled() and weight.requires_grad:
+def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cheap=None) -> torch.Tensor:
+    """The B-cos layers' linear convolution: :class:`_Conv2d` where a weight is trained (its
+    backward may be differentiated again) and ``cheap`` (default: on CUDA), the native one
+    otherwise. On the CPU the native second-order pass is the faster one (a B-cos ResNet-18
+    explanation step at 64 px, batch 32, took 1.16x as long through :class:`_Conv2d`)."""
+    if cheap is None:
+        cheap = x.is_cuda
+    if cheap and torch.is_grad_enabled() and weight.requires_grad:
         return _Conv2d.apply(x, weight, tuple(stride), tuple(padding))
     return F.conv2d(x, weight, None, stride, padding)
 

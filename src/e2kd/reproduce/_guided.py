@@ -11,12 +11,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 from ..train.evaluate_run import evaluate_target
 from ._common import read_results, run_config
 
-__all__ = ["teacher_run", "student_run", "val_results", "pick_lambda"]
+__all__ = ["teacher_run", "student_run", "val_results", "pick_lambda", "data_overrides", "length_overrides"]
+
+
+def data_overrides(dataset: str, size: Dict[str, Any], *extra: str) -> List[str]:
+    """Overrides that put a run on ``dataset`` at the experiment's size: image size, split
+    counts, train on ``train``, evaluate on ``test``; ``extra`` overrides are added."""
+    c = size["counts"]
+    return [
+        f"data.name={dataset}",
+        f"data.image_size={size['image_size']}",
+        "data.seed=0",
+        f"data.kwargs.counts.train={c['train']}",
+        f"data.kwargs.counts.val={c['val']}",
+        f"data.kwargs.counts.test={c['test']}",
+        "data.train_split=train",
+        "data.eval_split=test",
+        *extra,
+        "progress=false",
+        "checkpoint_every=0",
+    ]
+
+
+def length_overrides(size: Dict[str, Any], who: str) -> List[str]:
+    """A run's length from the size: ``<who>_steps`` optimiser steps, else ``<who>_epochs``."""
+    if f"{who}_steps" in size:
+        return [f"optim.max_steps={size[who + '_steps']}", "log_every=1"]
+    return [f"optim.epochs={size[who + '_epochs']}"]
 
 
 def teacher_run(config: Path, overrides: Sequence[str], *, out_dir: Path, name: str) -> Dict[str, Any]:

@@ -165,7 +165,9 @@ class _Runner:
         return score_run(run_dir, self.test, self.teacher(pair))
 
 
-def _best(rows: List[Dict], key: str) -> Dict:
+def best_on_validation(rows: List[Dict], key: str) -> Dict:
+    """The row with the highest validation accuracy (ties: agreement, then the smaller ``key``
+    when it is ``lam``)."""
     return max(rows, key=lambda r: (r["val_accuracy"], r.get("val_agreement", 0.0), -r[key] if key == "lam" else 0))
 
 
@@ -176,12 +178,12 @@ def _sweep(runner: _Runner, pair: Pair, size: FewshotSize, seed: int) -> Tuple[f
     for t in size.temperatures:
         r = runner.run(pair, size.sweep_k, 0.0, t, seed)
         kd_rows.append({"pair": pair.label, "method": "KD", "lam": 0.0, "T": t, **r})
-    temperature = _best(kd_rows, "T")["T"]
+    temperature = best_on_validation(kd_rows, "T")["T"]
     e2_rows = []
     for lam in size.lams:
         r = runner.run(pair, size.sweep_k, lam, temperature, seed)
         e2_rows.append({"pair": pair.label, "method": "e²KD", "lam": lam, "T": temperature, **r})
-    lam = _best(e2_rows, "lam")["lam"]
+    lam = best_on_validation(e2_rows, "lam")["lam"]
     rows = kd_rows + e2_rows
     return temperature, lam, rows
 

@@ -116,7 +116,7 @@ def prepare(out_dir: Path, *, quick: bool) -> tuple:
     size = _sizes(quick)
     tag = "-quick" if quick else ""
     teacher = run_config(_config("teacher.yaml"), size["teacher"], mode="teacher", out_dir=Path(out_dir).parent / "teachers",
-                         name=f"{FEWSHOT_TEACHER_NAME}{tag}" if not quick else f"fmnist-teacher{tag}")
+                         name=f"fmnist-teacher{tag}" if quick else FEWSHOT_TEACHER_NAME)
     student = [*size["student"], f"teacher.checkpoint={teacher}"]
     store = Path(out_dir) / f"store-gradcam{tag}"
     return student, store, _freeze(_config("fewshot_gradcam_e2kd.yaml"), student, store)

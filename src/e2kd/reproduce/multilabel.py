@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from ._common import ExperimentResult, register_experiment
-from ._guided import pick_lambda, student_run, teacher_run, val_results
+from ._guided import data_overrides, length_overrides, pick_lambda, student_run, teacher_run, val_results
 
 __all__ = ["SIZES", "multilabel"]
 
@@ -68,35 +68,12 @@ _PAPER = """| | EPG teacher: EPG / IoU / F1 | IoU teacher: EPG / IoU / F1 |
 _GUIDANCE = {"EPG": "energy", "IoU": "l1"}
 
 
-def _data_overrides(size: Dict[str, Any]) -> List[str]:
-    c = size["counts"]
-    return [
-        "data.name=tuxscenes",
-        f"data.image_size={size['image_size']}",
-        "data.seed=0",
-        f"data.kwargs.counts.train={c['train']}",
-        f"data.kwargs.counts.val={c['val']}",
-        f"data.kwargs.counts.test={c['test']}",
-        "data.train_split=train",
-        "data.eval_split=test",
-        "distill.multilabel=true",
-        "progress=false",
-        "checkpoint_every=0",
-    ]
-
-
-def _length(size: Dict[str, Any], who: str) -> List[str]:
-    if f"{who}_steps" in size:
-        return [f"optim.max_steps={size[who + '_steps']}", "log_every=1"]
-    return [f"optim.epochs={size[who + '_epochs']}"]
-
-
 @register_experiment("multilabel")
 def multilabel(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> ExperimentResult:
     """TuxScenes: EPG- and IoU-guided teachers; KD vs e²KD students; EPG, IoU, F1 (desideratum 3a)."""
     size = SIZES["quick" if quick else "full"]
     out_dir = Path(out_dir)
-    data = _data_overrides(size)
+    data = data_overrides("tuxscenes", size, "distill.multilabel=true")
     bcos_model = ["model.name=bcos_resnet8_small", "distill.explainer=bcos"]
     common_optim = [f"optim.batch_size={size['batch_size']}", f"optim.lr={size['lr']}"]
 
@@ -105,7 +82,7 @@ def multilabel(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experimen
         teachers[kind] = teacher_run(
             _CONFIGS / f"teacher_{kind.lower()}.yaml",
             [*data, *bcos_model, f"model.kwargs.width={size['teacher_width']}", *common_optim,
-             *_length(size, "teacher"), f"guidance.kind={loss}", f"guidance.weight={size['guidance_weight']}",
+             *length_overrides(size, "teacher"), f"guidance.kind={loss}", f"guidance.weight={size['guidance_weight']}",
              "guidance.explainer=bcos", "guidance.explainer_kwargs.output=contributions", "seed=0"],
             out_dir=out_dir, name=f"tuxscenes-teacher-{kind.lower()}",
         )
@@ -116,7 +93,7 @@ def multilabel(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experimen
         return student_run(
             _CONFIGS / f"{kind.lower()}_teacher_{method}.yaml",
             [*data, *bcos_model, f"model.kwargs.width={size['student_width']}", *common_optim,
-             *_length(size, "student"), f"teacher.checkpoint={teachers[kind]['dir']}", f"distill.lam={lam}",
+             *length_overrides(size, "student"), f"teacher.checkpoint={teachers[kind]['dir']}", f"distill.lam={lam}",
              "distill.temperature=1.0", f"seed={seed}"],
             out_dir=out_dir, name=f"tuxscenes-{kind.lower()}_teacher-{tag}-seed{seed}",
         )

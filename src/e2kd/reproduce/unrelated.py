@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..report.tables import markdown_table
 from ._common import ExperimentResult, register_experiment, run_config
 from ._fmnist import TestSet, config_path, ensure_teacher, score_run
-from .fewshot import QUICK_TEACHER, TEACHER, TEACHER_NAME
+from .fewshot import QUICK_TEACHER, TEACHER, TEACHER_NAME, best_on_validation
 
 __all__ = ["UnrelatedSize", "FULL", "QUICK", "unrelated"]
 
@@ -92,10 +92,6 @@ def distil_one(
     )
 
 
-def _best(rows: List[Dict]) -> Dict:
-    return max(rows, key=lambda r: (r["val_accuracy"], r["val_agreement"]))
-
-
 def run_unrelated(exp_dir: Path, *, size: UnrelatedSize, seeds: Sequence[int]) -> ExperimentResult:
     """Choose T and λ on validation, then KD and e²KD students distilled on each unrelated
     dataset, every seed; scored on Fashion-MNIST test."""
@@ -115,8 +111,8 @@ def run_unrelated(exp_dir: Path, *, size: UnrelatedSize, seeds: Sequence[int]) -
         sweep.append(row)
         return row
 
-    temperature = _best([tried(0.0, t) for t in size.temperatures])["T"]
-    lam = _best([tried(l, temperature) for l in size.lams])["lam"]
+    temperature = best_on_validation([tried(0.0, t) for t in size.temperatures], "T")["T"]
+    lam = best_on_validation([tried(l, temperature) for l in size.lams], "lam")["lam"]
 
     records: List[Dict] = []
     for source, (label, _) in SOURCES.items():

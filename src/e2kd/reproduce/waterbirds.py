@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from ._common import ExperimentResult, register_experiment
-from ._guided import pick_lambda, student_run, teacher_run, val_results
+from ._guided import data_overrides, length_overrides, pick_lambda, student_run, teacher_run, val_results
 
 __all__ = ["SIZES", "group_split_metrics", "waterbirds"]
 
@@ -91,28 +91,6 @@ def group_split_metrics(res: Dict[str, Any], prefix: str = "") -> Dict[str, floa
     return out
 
 
-def _data_overrides(size: Dict[str, Any]) -> List[str]:
-    c = size["counts"]
-    return [
-        "data.name=tuxbirds",
-        f"data.image_size={size['image_size']}",
-        "data.seed=0",
-        f"data.kwargs.counts.train={c['train']}",
-        f"data.kwargs.counts.val={c['val']}",
-        f"data.kwargs.counts.test={c['test']}",
-        "data.train_split=train",
-        "data.eval_split=test",
-        "progress=false",
-        "checkpoint_every=0",
-    ]
-
-
-def _length(size: Dict[str, Any], who: str) -> List[str]:
-    if f"{who}_steps" in size:
-        return [f"optim.max_steps={size[who + '_steps']}", "log_every=1"]
-    return [f"optim.epochs={size[who + '_epochs']}"]
-
-
 def _record(res: Dict[str, Any], **keys: Any) -> Dict[str, Any]:
     rec: Dict[str, Any] = dict(keys)
     rec.update(group_split_metrics(res))
@@ -128,7 +106,7 @@ def waterbirds(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experimen
     """TuxBirds: guided vs unguided teacher; KD vs e²KD students out of distribution (desideratum 2)."""
     size = SIZES["quick" if quick else "full"]
     out_dir = Path(out_dir)
-    data = _data_overrides(size)
+    data = data_overrides("tuxbirds", size)
     bcos_model = ["model.name=bcos_resnet8_small", "distill.explainer=bcos"]
     common_optim = [f"optim.batch_size={size['batch_size']}", f"optim.lr={size['lr']}"]
 
@@ -142,7 +120,7 @@ def waterbirds(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experimen
         teachers[name] = teacher_run(
             _CONFIGS / "teacher.yaml",
             [*data, *bcos_model, f"model.kwargs.width={size['teacher_width']}", *common_optim,
-             *_length(size, "teacher"), *guidance, "seed=0"],
+             *length_overrides(size, "teacher"), *guidance, "seed=0"],
             out_dir=out_dir, name=f"tuxbirds-teacher-{name}",
         )
 
@@ -157,7 +135,7 @@ def waterbirds(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experimen
         return student_run(
             _CONFIGS / ("kd.yaml" if lam == 0 else "e2kd.yaml"),
             [*data, *bcos_model, f"model.kwargs.width={size['student_width']}", *common_optim,
-             *_length(size, "student"), f"teacher.checkpoint={teacher_dir}", f"distill.lam={lam}",
+             *length_overrides(size, "student"), f"teacher.checkpoint={teacher_dir}", f"distill.lam={lam}",
              "distill.temperature=1.0", f"seed={seed}"],
             out_dir=out_dir, name=f"tuxbirds-{tag}-seed{seed}",
         )
