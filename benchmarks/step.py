@@ -16,6 +16,9 @@ Variants (``--variants``, comma-separated):
   what ``kd`` costs).
 * ``every4``  e²KD with ``explain_every=4``: timed over whole multiples of 4 steps and compared
   by its mean with ``(3·KD + e²KD) / 4``.
+* ``frozen_every2``  frozen e²KD with ``explain_every=2`` (every other step is a student-only KD
+  step on the stored logits): the approximation that makes a frozen B-cos step cheaper than
+  live KD; compared by its mean.
 
 The variants of a pair are measured interleaved (A B C A B C ...) in one process, so that a
 noisy machine slows all of them alike. Reported per variant: median and mean step time,
@@ -53,7 +56,9 @@ PAIRS = {
     "bcos": ("bcos_resnet34", "bcos_resnet18", "bcos"),
     "bcos_densenet": ("bcos_densenet169", "bcos_resnet18", "bcos"),
 }
-VARIANTS = ("kd", "e2kd", "frozen", "lam0", "every4")
+VARIANTS = ("kd", "e2kd", "frozen", "lam0", "every4", "frozen_every2")
+# explain_every of the variants that explain on some steps only (timed over whole cycles, compared by means)
+EVERY = {"every4": 4, "frozen_every2": 2}
 
 
 def map_shape(explainer: str, batch: int, size: int) -> tuple:
@@ -73,9 +78,9 @@ class Variant:
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         student = create_model(student_name, num_classes=args.classes).to(args.device).to(memory_format=fmt).train()
         lam = 0.0 if name in ("kd", "lam0") else 1.0
-        every = 4 if name == "every4" else 1
+        frozen = name.startswith("frozen")
         self.distiller = e2kd.Distiller(
-            None if name == "frozen" else teacher, student, explainer=explainer, lam=lam, explain_every=every
+            None if frozen else teacher, student, explainer=explainer, lam=lam, explain_every=EVERY.get(name, 1)
         )
         self.plain_kd = name == "kd"
         self.teacher = teacher
@@ -85,7 +90,7 @@ class Variant:
             self.distiller.student = torch.compile(student)
             self.compiled = True
         self.stored = None
-        if name == "frozen":
+        if frozen:
             g = torch.Generator().manual_seed(3)
             logits = torch.randn(args.batch, args.classes, generator=g)
             maps = torch.rand(map_shape(explainer, args.batch, args.size), generator=g).half()
@@ -162,14 +167,15 @@ def make_input(args) -> torch.Tensor:
 
 
 def run_pair(pair: str, args) -> dict:
-    teacher = build_teacher(pair, args) if any(v != "frozen" for v in args.variants) else None
+    teacher = build_teacher(pair, args) if any(not v.startswith("frozen") for v in args.variants) else None
     x = make_input(args)
     variants: Dict[str, Variant] = {}
     for name in args.variants:
         variants[name] = Variant(name, teacher, pair, args)
         variants[name].first_step(x)
-    if "every4" in variants:
-        variants["every4"].distiller.calls = 0  # its saved-for-backward figure is that of an explaining step
+    for name in EVERY:
+        if name in variants:
+            variants[name].distiller.calls = 0  # its saved-for-backward figure is that of an explaining step
     memory = {}
     for name, v in variants.items():
         try:
@@ -179,12 +185,14 @@ def run_pair(pair: str, args) -> dict:
                 raise
             memory[name] = float("nan")
             v.note = (v.note + "; " if v.note else "") + f"saved bytes not measured ({type(err).__name__})"
-    steps = 4 * -(-args.steps // 4) if "every4" in variants else args.steps
+    cycle = max([EVERY[n] for n in variants if n in EVERY], default=1)
+    steps = cycle * -(-args.steps // cycle)  # whole cycles of every partial variant
     for _ in range(args.warmup):
         for v in variants.values():
             v(x)
-    if "every4" in variants:
-        variants["every4"].distiller.calls = 0
+    for name in EVERY:
+        if name in variants:
+            variants[name].distiller.calls = 0
     times = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
     peaks = {}
@@ -215,7 +223,25 @@ def run_pair(pair: str, args) -> dict:
             note=v.note,
             times_ms=[round(1000 * t, 1) for t in times[name]],
         )
+    if "kd" in times:
+        for name in variants:
+            rows[name]["paired_ratio"] = paired_ratio(times[name], times["kd"], EVERY.get(name, 1))
     return rows
+
+
+def paired_ratio(times, reference, cycle: int = 1) -> float:
+    """Median over rounds of ``time / reference time`` of the same round (interleaved steps).
+
+    A round is ``cycle`` consecutive steps (a whole explain-every cycle), compared by their sums.
+    Steps taken back to back see the same load on a shared machine, so this ratio is steadier
+    than the ratio of two medians.
+    """
+    n = len(times) // cycle
+    if n < 1 or len(reference) < n * cycle:
+        raise ValueError(f"paired_ratio needs at least one whole cycle of {cycle} steps in both lists")
+    return statistics.median(
+        sum(times[i * cycle:(i + 1) * cycle]) / sum(reference[i * cycle:(i + 1) * cycle]) for i in range(n)
+    )
 
 
 def peak_rss_mib() -> float:
@@ -315,8 +341,8 @@ def main(argv=None) -> int:
           f"{args.steps} interleaved steps after {args.warmup} warm-up, amp {args.amp}, "
           f"channels-last {args.channels_last}, compile {args.compile}")
     print("| pair | variant | median step (ms) | mean step (ms) | images/s | saved for backward (MiB) | peak memory (MiB) "
-          "| ratio to KD (wall) | median CPU time (ms) | ratio to KD (CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio to KD (wall) | paired ratio to KD (wall) | median CPU time (ms) | ratio to KD (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     report = {"argv": sys.argv, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}, "pairs": {}}
     for pair in pairs:
         rows = run_pair(pair, args)
@@ -325,7 +351,7 @@ def main(argv=None) -> int:
                 rows[name]["rss_mib"] = child_rss(pair, name, args)
         kd = rows.get("kd")
         for name, r in rows.items():
-            use_mean = name == "every4"
+            use_mean = name in EVERY
             wall = r["mean_ms"] if use_mean else r["median_ms"]
             cpu_t = r["cpu_mean_ms"] if use_mean else r["cpu_ms"]
             if kd:
@@ -334,7 +360,8 @@ def main(argv=None) -> int:
             peak = r["peak_mib"] if args.device.startswith("cuda") else r.get("rss_mib", float("nan"))
             tag = " (compiled)" if r["compiled"] else ""
             print(f"| {pair} | {name}{tag} | {r['median_ms']:.0f} | {r['mean_ms']:.0f} | {r['images_per_s']:.1f} | "
-                  f"{r['saved_mib']:.0f} | {peak:.0f} | {r.get('ratio_wall', float('nan')):.2f} | {r['cpu_ms']:.0f} | "
+                  f"{r['saved_mib']:.0f} | {peak:.0f} | {r.get('ratio_wall', float('nan')):.2f} | "
+                  f"{r.get('paired_ratio', float('nan')):.2f} | {r['cpu_ms']:.0f} | "
                   f"{r.get('ratio_cpu', float('nan')):.2f} |", flush=True)
         if kd and "e2kd" in rows and "every4" in rows:
             for key, label in (("mean_ms", "wall"), ("cpu_mean_ms", "CPU")):

@@ -173,3 +173,29 @@ def test_training_loop_from_the_store_without_a_teacher(tmp_path):
         out["loss"].backward()
         opt.step()
     assert all(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_frozen_and_live_bcos_distillation_give_the_same_loss_and_gradients(tmp_path):
+    """The B-cos pair: stored dynamic-weight maps (6 channels, input resolution) replace the teacher."""
+    from e2kd.models import create_model
+
+    ds = TinyImages(n=6, size=16)
+    torch.manual_seed(0)
+    teacher = create_model("bcos_resnet8_small", num_classes=4, width=4).eval()
+    freeze(teacher, "bcos", ds, tmp_path, batch_size=6, map_dtype="float32", progress=False)
+    torch.manual_seed(3)
+    student = create_model("bcos_resnet8_small", num_classes=4, width=4).train()
+    live = e2kd.Distiller(teacher, copy.deepcopy(student), explainer="bcos", lam=10.0)
+    frozen = e2kd.Distiller(None, copy.deepcopy(student), explainer="bcos", lam=10.0)
+    store = FrozenStore(tmp_path)
+    batch = _collate(FrozenDataset(ds, store), range(6))
+    assert batch["teacher_maps"].shape == (6, 6, 16, 16)  # [x, 1 - x] weights at input resolution
+    a = live(batch["image"])
+    b = frozen_forward(frozen, batch)
+    assert a["exp_loss"].item() > 0.01
+    for key in ("kd_loss", "exp_loss", "loss"):
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5, msg=key)
+    a["loss"].backward()
+    b["loss"].backward()
+    for (name, pa), pb in zip(live.student.named_parameters(), frozen.student.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)

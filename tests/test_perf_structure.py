@@ -255,3 +255,32 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
         assert (tmp_path / f"{name}.json").is_file(), name
     tput = json.loads((tmp_path / "throughput_bcos_lam1.json").read_text())
     assert tput["images_per_s"] > 0 and tput["steps"] == 2
+
+
+def test_paired_ratio_compares_steps_of_the_same_round():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.step import paired_ratio
+
+    # rounds: 20/10 = 2.0, 30/20 = 1.5, 10/10 = 1.0 -> median 1.5 (the ratio of medians would be 20/10 = 2.0)
+    assert paired_ratio([20.0, 30.0, 10.0], [10.0, 20.0, 10.0]) == pytest.approx(1.5)
+    # cycles of 2 compared by their sums: (4 + 2) / (3 + 3) = 1.0 and (8 + 4) / (4 + 4) = 1.5 -> median 1.25
+    assert paired_ratio([4.0, 2.0, 8.0, 4.0], [3.0, 3.0, 4.0, 4.0], cycle=2) == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="whole cycle"):
+        paired_ratio([1.0], [1.0], cycle=2)
+
+
+def test_frozen_every2_variant_has_no_teacher_and_explains_every_other_step():
+    sys.path.insert(0, str(ROOT))
+    import types
+
+    from benchmarks.step import Variant
+
+    args = types.SimpleNamespace(channels_last=False, device="cpu", classes=4, batch=2, size=32, amp="none",
+                                 compile=False)
+    v = Variant("frozen_every2", None, "gradcam", args)
+    assert v.distiller.teacher is None and v.distiller.explain_every == 2
+    explained = []
+    for _ in range(4):
+        explained.append(v.distiller.explains_this_step())
+        v(torch.rand(2, 3, 32, 32))
+    assert explained == [True, False, True, False]

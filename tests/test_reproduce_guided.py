@@ -143,7 +143,8 @@ def test_multilabel_quick_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setenv("E2KD_CACHE", str(tmp_path / "cache"))
     exp_dir = run_experiment("multilabel", out_dir=tmp_path / "out", quick=True)
-    keys = (("teacher", "model"), {(f"{t} teacher", m) for t in ("EPG", "IoU") for m in ("teacher", "KD", "e²KD")})
+    keys = (("teacher", "model"),
+            {(f"{t} teacher", m) for t in ("EPG", "IoU") for m in ("teacher", "student on labels", "KD", "e²KD")})
     res, table = _check_rows(exp_dir, keys, ["epg", "iou", "f1"])
     for kind in ("epg", "iou"):
         assert (exp_dir.parent / "teachers" / f"tuxscenes-teacher-{kind}" / "results.json").is_file()
@@ -151,7 +152,11 @@ def test_multilabel_quick_end_to_end(tmp_path, monkeypatch):
     for kind in ("EPG", "IoU"):
         t = res["teachers"][kind]
         for rec in res["records"]:
-            if rec["teacher"] == f"{kind} teacher" and rec["model"] != "teacher":
+            if rec["teacher"] == f"{kind} teacher" and rec["model"] in ("KD", "e²KD"):
                 assert rec["teacher_epg"] == pytest.approx(t["epg"], abs=1e-6)
                 assert rec["teacher_f1"] == pytest.approx(t["f1"], abs=1e-6)
+    # The student on labels is one run per seed, shown under both teachers.
+    on_labels = [r for r in res["records"] if r["model"] == "student on labels"]
+    assert len(on_labels) == 2 and on_labels[0]["epg"] == on_labels[1]["epg"] and "teacher_epg" not in on_labels[0]
+    assert (exp_dir / "students" / "tuxscenes-labels-seed0" / "results.json").is_file()
     assert "Published" in table and "75.7 / 21.3 / 72.5" in table

@@ -79,7 +79,7 @@ class FewshotSize:
 
 
 FULL = FewshotSize(
-    shots={"gradcam": (10, 50, 200, None), "bcos": (10, 50)},
+    shots={"gradcam": (10, 50, 200, None), "bcos": (10, 50, 200, None)},
     steps={"gradcam": 600, "bcos": 600},  # the demo's student budget: 60 epochs of 50 shots
     batch_size=50,
     sweep_k=50,
@@ -89,7 +89,6 @@ FULL = FewshotSize(
     eval_limit=500,
     test_limit=None,
     teacher_overrides={"gradcam": TEACHER, "bcos": BCOS_TEACHER},
-    # the B-cos pair at 10 and 50 shots only: a B-cos student step costs 3-4x a GradCAM one on the CPU
 )
 
 # A tiny teacher for the quick size (CI): a few steps on a few hundred images.

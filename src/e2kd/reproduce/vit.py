@@ -58,7 +58,7 @@ class VitSize:
     teacher_overrides: Tuple[str, ...] = BCOS_TEACHER
 
 
-FULL = VitSize(steps=60, batch_size=32, depth=2, eval_limit=300, test_limit=None, shift_images=100, max_shift=8)
+FULL = VitSize(steps=600, batch_size=32, depth=2, eval_limit=300, test_limit=None, shift_images=100, max_shift=8)
 QUICK = VitSize(
     steps=2, batch_size=8, depth=1, eval_limit=20, test_limit=200, shift_images=8, max_shift=4,
     teacher_name=BCOS_TEACHER_NAME + "-quick", teacher_overrides=QUICK_TEACHER,
