@@ -50,6 +50,8 @@ import torch
 
 import e2kd
 from e2kd.models import create_model
+from e2kd.train.config import OptimConfig, OptimizerName
+from e2kd.train.optim import build_optimizer
 
 PAIRS = {
     "gradcam": ("resnet34", "resnet18", "gradcam"),
@@ -84,7 +86,8 @@ class Variant:
         )
         self.plain_kd = name == "kd"
         self.teacher = teacher
-        self.opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+        # the trainer's optimiser (fused Adam on CPU and CUDA)
+        self.opt = build_optimizer(student.parameters(), OptimConfig(name=OptimizerName.adam, lr=1e-4))
         self.eager_student = student
         if args.compile:
             self.distiller.student = torch.compile(student)

@@ -26,6 +26,8 @@ import torch
 
 import e2kd
 from e2kd.models import create_model
+from e2kd.train.config import OptimConfig, OptimizerName
+from e2kd.train.optim import build_optimizer
 
 
 class SyntheticImages(torch.utils.data.Dataset):
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     teacher = create_model(args.teacher, num_classes=args.classes).to(args.device, memory_format=fmt)
     student = create_model(args.student, num_classes=args.classes).to(args.device, memory_format=fmt)
     distiller = e2kd.Distiller(teacher, student, explainer=args.explainer, lam=args.lam).train()
-    opt = torch.optim.SGD(distiller.parameters(), lr=1e-3, momentum=0.9)
+    opt = build_optimizer(distiller.parameters(), OptimConfig(name=OptimizerName.sgd, lr=1e-3, momentum=0.9))
     total = args.steps + args.warmup
     data = SyntheticImages(min(total * args.batch, 8 * args.batch), args.size, args.classes)
     loader = torch.utils.data.DataLoader(

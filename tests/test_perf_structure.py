@@ -248,7 +248,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "FAILED" not in summary, summary[-3000:]
     rows = json.loads((tmp_path / "step_bcos.json").read_text())["pairs"]["bcos"]
-    assert set(rows) == {"kd", "e2kd", "frozen", "lam0", "every4"}
+    assert set(rows) == {"kd", "e2kd", "frozen", "lam0", "every4", "frozen_every2"}
     # live e2KD keeps more for backward than KD (teacher input gradient + student double backward)
     assert rows["e2kd"]["saved_mib"] > rows["kd"]["saved_mib"]
     for name in ("step_gradcam", "step_bcos_densenet", "throughput_bcos_lam0", "throughput_bcos_lam1"):

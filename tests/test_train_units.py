@@ -3,6 +3,7 @@ streams, gradient accumulation, evaluation with groups."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -238,3 +239,37 @@ def test_a_bad_guidance_layer_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="no layer named 'nope'"):
         run(cfg, mode="teacher")
     assert not (tmp_path / "badguide" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_fused_optimiser_is_chosen_on_cpu_and_updates_like_the_per_parameter_one(name):
+    from e2kd.train.config import OptimConfig, OptimizerName
+    from e2kd.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(5, 3)
+    fused_model, plain_model = copy.deepcopy(ref), copy.deepcopy(ref)
+    cfg = OptimConfig(name=OptimizerName(name), lr=0.1, weight_decay=0.01)
+    fused = build_optimizer(fused_model.parameters(), cfg)
+    plain = build_optimizer(plain_model.parameters(), OptimConfig(name=OptimizerName(name), lr=0.1, weight_decay=0.01,
+                                                                  fused=False))
+    assert fused.defaults["fused"] is True and not plain.defaults.get("fused")
+    for step in range(3):
+        x = torch.randn(4, 5)
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(fused_model.weight, ref.weight)  # it did move
+
+
+def test_fused_optimiser_refused_for_parameters_it_cannot_handle():
+    from e2kd.train.config import OptimConfig
+    from e2kd.train.optim import build_optimizer
+
+    meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
+    assert not build_optimizer(meta, OptimConfig()).defaults.get("fused")  # automatic: not fused
+    with pytest.raises(ValueError, match=r"optim.fused=true needs .*float32 on meta.*optim.fused=false"):
+        build_optimizer(meta, OptimConfig(fused=True))

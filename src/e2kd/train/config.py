@@ -174,6 +174,7 @@ class OptimConfig:
     min_lr: float = 0.0
     grad_clip: Optional[float] = None  # max global gradient norm
     agc_clip: Optional[float] = None  # adaptive gradient clipping factor (Brock et al., 2021)
+    fused: Optional[bool] = None  # fused optimiser kernel; null: where every parameter allows it (CPU/CUDA floats)
 
 
 @dataclass
