@@ -293,3 +293,22 @@ def test_optimizer_benchmark_times_three_updates():
     rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
     assert [r[0].strip() for r in rows] == ["per-parameter", "foreach", "fused"]
     assert float(rows[2][2]) == 1.0 and all(float(r[1]) > 0 for r in rows)
+
+
+def test_trained_bcos_student_explained_at_evaluation_sees_fused_optimiser_updates():
+    """A fused optimiser updates weights in place without bumping their version counter; a
+    student explained with temporarily frozen parameters must not reuse stale unit weights."""
+    torch.manual_seed(0)
+    student = create_model("bcos_resnet8_small", num_classes=4, width=4).eval()
+    explainer = BcosExplainer()
+    x = torch.rand(2, 3, 16, 16)
+    before = explainer(student, x, None, create_graph=False).logits  # parameters frozen for the call
+    opt = torch.optim.Adam(student.parameters(), lr=0.1, fused=True)
+    student(x).sum().backward()
+    opt.step()  # (torch 2.14: the fused step leaves every parameter's _version unchanged)
+    after = explainer(student, x, None, create_graph=False).logits
+    with torch.no_grad():
+        fresh = student(x)
+    torch.testing.assert_close(after, fresh)
+    assert not torch.allclose(after, before)
+    assert all(p.requires_grad and not hasattr(p, "_e2kd_temporarily_frozen") for p in student.parameters())
