@@ -169,6 +169,13 @@ def make_input(args) -> torch.Tensor:
     return x
 
 
+def _restart_cycles(variants: Dict[str, "Variant"]) -> None:
+    """Start the partial variants' explain-every cycles afresh (their next step explains)."""
+    for name in EVERY:
+        if name in variants:
+            variants[name].distiller.calls = 0
+
+
 def run_pair(pair: str, args) -> dict:
     teacher = build_teacher(pair, args) if any(not v.startswith("frozen") for v in args.variants) else None
     x = make_input(args)
@@ -176,9 +183,7 @@ def run_pair(pair: str, args) -> dict:
     for name in args.variants:
         variants[name] = Variant(name, teacher, pair, args)
         variants[name].first_step(x)
-    for name in EVERY:
-        if name in variants:
-            variants[name].distiller.calls = 0  # its saved-for-backward figure is that of an explaining step
+    _restart_cycles(variants)  # the saved-for-backward figure of a partial variant is that of an explaining step
     memory = {}
     for name, v in variants.items():
         try:
@@ -193,9 +198,7 @@ def run_pair(pair: str, args) -> dict:
     for _ in range(args.warmup):
         for v in variants.values():
             v(x)
-    for name in EVERY:
-        if name in variants:
-            variants[name].distiller.calls = 0
+    _restart_cycles(variants)
     times = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
     peaks = {}

@@ -30,20 +30,14 @@ def find_encoding(model: nn.Module) -> InputEncoding:
 
 @contextmanager
 def _frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Trainable parameters switched off for one explanation; marked as only *temporarily*
-    frozen, so that the B-cos layers do not cache their unit-norm weights (a fused optimiser
-    updates weights in place without bumping their version counter, so a cached copy could not
-    be told apart from the current weight)."""
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         for p in params:
             p.requires_grad_(False)
-            p._e2kd_temporarily_frozen = True
         yield
     finally:
         for p in params:
             p.requires_grad_(True)
-            del p._e2kd_temporarily_frozen
 
 
 @register_explainer("bcos")

@@ -106,14 +106,16 @@ def _unit_rows(module: nn.Module, dims) -> torch.Tensor:
     """``w / ‖w‖`` over ``dims``; cached while the weight is frozen and unchanged.
 
     A trainable weight is normalised on every call (the normalisation is part of its graph), and
-    so is one frozen only for the moment (a trained student explained at evaluation: a fused
-    optimiser changes such weights in place without bumping their version counter). A frozen
-    one (``requires_grad=False``, e.g. a distillation teacher) is normalised once and reused
-    until the weight tensor is replaced or modified in place (checked by its storage pointer,
-    version counter, dtype and device).
+    seeing it trainable drops any cached copy: an optimiser may change it in place without
+    bumping its version counter (PyTorch's fused kernels do), so a copy cached while the weight
+    was frozen for a moment (a student explained at evaluation) could not be told apart from the
+    current weight later. A frozen one (``requires_grad=False``, e.g. a distillation teacher) is
+    normalised once and reused until the weight tensor is replaced or modified in place (checked
+    by its storage pointer, version counter, dtype and device).
     """
     w = module.weight
-    if w.requires_grad or getattr(w, "_e2kd_temporarily_frozen", False):
+    if w.requires_grad:
+        module.__dict__.pop("_unit_cache", None)
         return w / torch.linalg.vector_norm(w, dim=dims, keepdim=True)
     key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
     cached = module.__dict__.get("_unit_cache")

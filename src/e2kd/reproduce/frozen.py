@@ -59,6 +59,7 @@ class FrozenPair:
     key: str  # config infix and store name
     teacher_config: str
     teacher_name: str
+    quick_teacher_name: str
     teacher_overrides: Tuple[str, ...]
     prefix: str  # run-folder prefix
     e2kd_overrides: Tuple[str, ...]
@@ -71,9 +72,11 @@ _BASE = (
     Setting("frozen e²KD", "e2kd", "e2kd-frozen", frozen=True),
 )
 PAIRS: Dict[str, FrozenPair] = {
-    "gradcam": FrozenPair("GradCAM", "gradcam", "teacher.yaml", FEWSHOT_TEACHER_NAME, FEWSHOT_TEACHER, "",
+    "gradcam": FrozenPair("GradCAM", "gradcam", "teacher.yaml", FEWSHOT_TEACHER_NAME, "fmnist-teacher-quick",
+                             FEWSHOT_TEACHER, "",
                           ("distill.lam=1.0",), _BASE),
-    "bcos": FrozenPair("B-cos", "bcos", "teacher_bcos.yaml", FEWSHOT_BCOS_TEACHER_NAME, FEWSHOT_BCOS_TEACHER, "bcos-",
+    "bcos": FrozenPair("B-cos", "bcos", "teacher_bcos.yaml", FEWSHOT_BCOS_TEACHER_NAME, "fmnist-teacher-bcos-quick",
+                       FEWSHOT_BCOS_TEACHER, "bcos-",
                        ("distill.lam=10.0",),
                        _BASE + (Setting("frozen e²KD, explain every 4", "e2kd", "e2kd-frozen-every4", frozen=True,
                                         explain_every=4),)),
@@ -157,9 +160,9 @@ def prepare(out_dir: Path, *, quick: bool, pair: str = "gradcam") -> tuple:
     size = _sizes(quick)
     tag = "-quick" if quick else ""
     teacher_overrides = size["teacher"] if quick else [*size["teacher"], *spec.teacher_overrides]
-    base_name = spec.teacher_name.replace("-1epoch", "")
     teacher = run_config(_config(spec.teacher_config), teacher_overrides, mode="teacher",
-                         out_dir=Path(out_dir).parent / "teachers", name=f"{base_name}{tag}" if quick else spec.teacher_name)
+                         out_dir=Path(out_dir).parent / "teachers",
+                         name=spec.quick_teacher_name if quick else spec.teacher_name)
     student = [*size["student"], f"teacher.checkpoint={teacher}"]
     store = Path(out_dir) / f"store-{spec.key}{tag}"
     cfg = _config(f"fewshot_{spec.key}_e2kd.yaml")
@@ -212,7 +215,7 @@ def _experiment(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experime
         return sum(vals) / len(vals)
 
     gaps = {
-        f"{pair}/{st.label}": mean(pair, st.label, "agreement") - mean(pair, "live e²KD", "agreement")
+        f"{spec.label} {st.label}": mean(pair, st.label, "agreement") - mean(pair, "live e²KD", "agreement")
         for pair, spec in PAIRS.items() for st in spec.settings if st.frozen
     }
     epochs = ("a few steps (quick size)" if quick else
@@ -229,7 +232,7 @@ def _experiment(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experime
             f"teacher, {b['bytes_per_image']:.0f} bytes/image)" for p, b in builds.items()) + ".",
         "",
         "Agreement minus live e²KD's (mean over seeds): " + "; ".join(
-            f"{k.replace('gradcam/', 'GradCAM ').replace('bcos/', 'B-cos ')} {v:+.2f} points "
+            f"{k} {v:+.2f} points "
             f"({'within' if abs(v) <= 2.0 else 'NOT within'} 2)" for k, v in gaps.items()) + ".",
     ]
     return ExperimentResult(
@@ -240,5 +243,5 @@ def _experiment(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experime
         percent=False,
         notes="\n".join(lines),
         extra={"stores": builds, "agreement_gap_minus_live": gaps, "store_paths": stores,
-               "agreement_gap_frozen_minus_live": gaps["gradcam/frozen e²KD"]},
+               "agreement_gap_frozen_minus_live": gaps["GradCAM frozen e²KD"]},
     )

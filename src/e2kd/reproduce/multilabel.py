@@ -125,10 +125,9 @@ def multilabel(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experimen
     size = SIZES["quick" if quick else "full"]
     runs = _Runs(Path(out_dir), size)
     teachers = {kind: runs.teacher(kind) for kind in _GUIDANCE}
-    student, labels_student = runs.student, runs.labels_student
 
     first = seeds[0]
-    sweep = {lam: student("EPG", lam, first) for lam in size["lams"]}
+    sweep = {lam: runs.student("EPG", lam, first) for lam in size["lams"]}
     val = {lam: val_results(run["dir"], "tuxscenes") for lam, run in sweep.items()}
     lam = pick_lambda(val, "f1")
 
@@ -138,12 +137,12 @@ def multilabel(out_dir: Path, *, quick: bool, seeds: Sequence[int]) -> Experimen
         records.append({"teacher": f"{kind} teacher", "model": "teacher", "lam": "–",
                         "epg": t.get("epg"), "iou": t.get("iou"), "f1": t.get("f1")})
         for seed in seeds:
-            r = labels_student(seed)
+            r = runs.labels_student(seed)
             records.append({"teacher": f"{kind} teacher", "model": "student on labels", "lam": "–", "seed": seed,
                             "epg": r.get("epg"), "iou": r.get("iou"), "f1": r.get("f1")})
         for seed in seeds:
             for method, lam_ in (("KD", 0.0), ("e²KD", lam)):
-                run = sweep[lam] if (kind == "EPG" and lam_ == lam and lam_ != 0 and seed == first) else student(kind, lam_, seed)
+                run = sweep[lam] if (kind == "EPG" and lam_ == lam and lam_ != 0 and seed == first) else runs.student(kind, lam_, seed)
                 r = run["results"]
                 records.append({"teacher": f"{kind} teacher", "model": method, "lam": lam_, "seed": seed,
                                 "epg": r.get("epg"), "iou": r.get("iou"), "f1": r.get("f1"),
