@@ -55,6 +55,25 @@ def test_explanation_loss_by_hand():
     assert explanation_loss(s, t).item() == pytest.approx(expected, abs=1e-7)
 
 
+def test_losses_keep_float64_and_compute_half_precision_in_float32():
+    """Double inputs stay double (a finite-difference check needs it); fp16/bf16 are widened."""
+    s = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    out = kd_loss(s, t)
+    assert out.dtype == torch.float64 and abs(out.item() - expected) < 1e-15
+    assert multilabel_kd_loss(s, t).dtype == torch.float64
+    maps = torch.tensor([[[[1.0, 1e-4]]]], dtype=torch.float64)
+    ref = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
+    # 1 - cos = 1 - 1/sqrt(1 + 1e-8) ≈ 5e-9, below float32's resolution of 1 - cos near 1
+    exp = explanation_loss(maps, ref)
+    assert exp.dtype == torch.float64
+    assert exp.item() == pytest.approx(1 - 1 / math.sqrt(1 + 1e-8), rel=1e-6)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert kd_loss(s.to(dtype), t.to(dtype)).dtype == torch.float32
+        assert explanation_loss(maps.to(dtype), ref.to(dtype)).dtype == torch.float32
+
+
 def test_explanation_loss_zero_map_is_one_and_finite():
     s = torch.zeros(2, 1, 3, 3, requires_grad=True)
     t = torch.rand(2, 1, 3, 3)

@@ -62,8 +62,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     _check_logits(student_logits, teacher_logits, "kd_loss")
     _check_temperature(temperature)
     t = temperature
-    log_q = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    log_q = F.log_softmax(_wide(student_logits) / t, dim=1)
+    log_p = F.log_softmax(_wide(teacher_logits.detach()) / t, dim=1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
     return kl.mean() * (t * t)
 
@@ -92,12 +92,17 @@ def multilabel_kd_loss(
     _check_logits(student_logits, teacher_logits, "multilabel_kd_loss")
     _check_temperature(temperature)
     t = temperature
-    s = student_logits.float() / t
-    z = teacher_logits.detach().float() / t
+    s = _wide(student_logits) / t
+    z = _wide(teacher_logits.detach()) / t
     log_p, log_1mp = F.logsigmoid(z), F.logsigmoid(-z)
     log_q, log_1mq = F.logsigmoid(s), F.logsigmoid(-s)
     kl = log_p.exp() * (log_p - log_q) + log_1mp.exp() * (log_1mp - log_1mq)
     return kl.sum(dim=1).mean() * (t * t)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 or wider: half and bfloat16 are computed in float32, float64 stays."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _unit_max(x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +147,8 @@ def explanation_cosine(student_maps: torch.Tensor, teacher_maps: torch.Tensor, e
         )
     if student_maps.dim() < 2 or student_maps.shape[0] == 0:
         raise ValueError(f"explanation_loss: expected maps of shape (B, ...) with B > 0, got {tuple(student_maps.shape)}")
-    s = _unit_max(student_maps.flatten(1).float())
-    t = _unit_max(teacher_maps.detach().flatten(1).float())
+    s = _unit_max(_wide(student_maps.flatten(1)))
+    t = _unit_max(_wide(teacher_maps.detach().flatten(1)))
     dot = (s * t).sum(dim=1)
     norms = s.square().sum(dim=1) * t.square().sum(dim=1)
     return dot / norms.clamp_min(eps * eps).sqrt()

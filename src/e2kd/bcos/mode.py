@@ -18,9 +18,13 @@ Two ways to make the factors constant:
   ``loss.backward()`` later sees the full derivative. So **one** student forward pass gives the
   exact explanation (differentiable in every parameter) and the full training gradient.
 
-In the constant-factor backward the formulas use the *detached* factor, so the second-order
-graph of ``W(x)`` reaches the parameters only through the linear parts — exactly what a
-separate forward pass in explanation mode would give.
+In the constant-factor backward the formulas use the factor as the forward pass computed it,
+not a detached copy: the values of ``W(x)`` are the same, and with ``create_graph=True`` its
+second-order graph reaches the parameters both through the linear parts and through the
+factors' own dependence on the parameters. So ``loss.backward()`` gives the exact gradient of
+any loss on ``W(x)`` (checked against finite differences in the tests), as the reference
+implementation's backward-time switch does. A separate forward pass in explanation mode
+detaches the factors and would drop the second part.
 
 The switch is process-wide (the autograd engine may run backward on its own device threads),
 so two explanation backward passes must not run concurrently in different threads.
@@ -121,7 +125,7 @@ class _ScaleByFactor(torch.autograd.Function):
     def backward(ctx, gy):
         x, s = ctx.saved_tensors
         if factors_are_constant():
-            return gy * s.detach(), None
+            return gy * s, None
         gx = gy * s if ctx.needs_input_grad[0] else None
         gs = (gy * x).sum_to_size(s.shape) if ctx.needs_input_grad[1] else None
         return gx, gs
@@ -158,7 +162,7 @@ class _BcosScale(torch.autograd.Function):
         out, inv = ctx.saved_tensors
         b = ctx.b
         if factors_are_constant():
-            return gy * _bcos_factor(out.detach(), inv.detach(), b), None, None
+            return gy * _bcos_factor(out, inv, b), None, None
         if b == 2:
             # y = out|out|·r  =>  ∂y/∂out = 2|out|·r,  ∂y/∂r = out|out|
             t = gy * out.abs()
@@ -230,8 +234,8 @@ class _ScaleAffine(torch.autograd.Function):
     def backward(ctx, gy):
         x, s, gamma = ctx.saved_tensors
         if factors_are_constant():
-            # Only the input gradient is asked for here; γ stays differentiable.
-            return gy * (s.detach() * gamma), None, None
+            # Only the input gradient is asked for here; s and γ stay differentiable.
+            return gy * (s * gamma), None, None
         gx = gy * (s * gamma) if ctx.needs_input_grad[0] else None
         gs = ggamma = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
@@ -277,7 +281,7 @@ class _Attend(torch.autograd.Function):
     def backward(ctx, gy):
         attn, v = ctx.saved_tensors
         if factors_are_constant():
-            return None, attn.detach().transpose(-1, -2) @ gy
+            return None, attn.transpose(-1, -2) @ gy
         ga = gy @ v.transpose(-1, -2) if ctx.needs_input_grad[0] else None
         gv = attn.transpose(-1, -2) @ gy if ctx.needs_input_grad[1] else None
         return ga, gv
