@@ -77,7 +77,7 @@ PAIRS: Dict[str, FrozenPair] = {
                           ("distill.lam=1.0",), _BASE),
     "bcos": FrozenPair("B-cos", "bcos", "teacher_bcos.yaml", FEWSHOT_BCOS_TEACHER_NAME, "fmnist-teacher-bcos-quick",
                        FEWSHOT_BCOS_TEACHER, "bcos-",
-                       ("distill.lam=10.0",),
+                       ("distill.lam=5.0",),  # the fewshot sweep's validated λ for the B-cos pair
                        _BASE + (Setting("frozen e²KD, explain every 4", "e2kd", "e2kd-frozen-every4", frozen=True,
                                         explain_every=4),)),
 }
