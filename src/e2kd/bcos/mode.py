@@ -124,9 +124,9 @@ class _ScaleByFactor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, s = ctx.saved_tensors
-        if factors_are_constant():
-            return gy * s, None
         gx = gy * s if ctx.needs_input_grad[0] else None
+        if factors_are_constant():  # no gradient to the factor; s stays in the graph
+            return gx, None
         gs = (gy * x).sum_to_size(s.shape) if ctx.needs_input_grad[1] else None
         return gx, gs
 
@@ -233,10 +233,9 @@ class _ScaleAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, s, gamma = ctx.saved_tensors
-        if factors_are_constant():
-            # Only the input gradient is asked for here; s and γ stay differentiable.
-            return gy * (s * gamma), None, None
         gx = gy * (s * gamma) if ctx.needs_input_grad[0] else None
+        if factors_are_constant():  # only the input gradient; s and γ stay in the graph
+            return gx, None, None
         gs = ggamma = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gyx = gy * x
@@ -280,10 +279,10 @@ class _Attend(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         attn, v = ctx.saved_tensors
-        if factors_are_constant():
-            return None, attn.transpose(-1, -2) @ gy
-        ga = gy @ v.transpose(-1, -2) if ctx.needs_input_grad[0] else None
         gv = attn.transpose(-1, -2) @ gy if ctx.needs_input_grad[1] else None
+        if factors_are_constant():  # no gradient to the attention matrix; it stays in the graph
+            return None, gv
+        ga = gy @ v.transpose(-1, -2) if ctx.needs_input_grad[0] else None
         return ga, gv
 
 

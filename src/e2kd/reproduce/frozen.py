@@ -73,7 +73,7 @@ _BASE = (
 )
 PAIRS: Dict[str, FrozenPair] = {
     "gradcam": FrozenPair("GradCAM", "gradcam", "teacher.yaml", FEWSHOT_TEACHER_NAME, "fmnist-teacher-quick",
-                             FEWSHOT_TEACHER, "",
+                          FEWSHOT_TEACHER, "",
                           ("distill.lam=1.0",), _BASE),
     "bcos": FrozenPair("B-cos", "bcos", "teacher_bcos.yaml", FEWSHOT_BCOS_TEACHER_NAME, "fmnist-teacher-bcos-quick",
                        FEWSHOT_BCOS_TEACHER, "bcos-",
