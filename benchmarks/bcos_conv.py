@@ -1,17 +1,30 @@
-"""Which convolution path makes a live B-cos e²KD step fastest: a side-by-side check.
+"""Which implementation of the B-cos layers' operations makes a distillation step fastest: a side-by-side check.
 
+    python -m benchmarks.bcos_conv --size 64 --batch 16 --threads 2 --steps 8           # CPU
     python -m benchmarks.bcos_conv --device cuda --size 224 --batch 128 --amp bf16 --channels-last
 
-Times, interleaved in one process, the live e²KD step of B-cos ResNet-34 -> B-cos ResNet-18
-(and plain KD as the reference) with the student's convolutions run two ways: ``native``
-(``F.conv2d``, whose second-order pass goes through ``_convolution_double_backward``) and
-``cheap`` (:class:`e2kd.bcos.layers._Conv2d`, what the B-cos layers use on CUDA). Prints median
-step times and the ratios to KD.
+Times, interleaved in one process, the KD and live e²KD steps of B-cos ResNet-34 -> B-cos
+ResNet-18 with the B-cos layers' operations run several ways (``--modes``):
+
+* ``previous``: the operations as they were before 2026-11-27: native ``F.conv2d`` everywhere
+  on the CPU (:class:`_Conv2d` on CUDA, computing weight gradients in explanation passes too),
+  the unit-norm weights through autograd's division and norm nodes, the batch variance through
+  ``Tensor.var``;
+* ``native``: ``F.conv2d`` everywhere (its second-order pass goes through
+  ``_convolution_double_backward``, its weight gradients through oneDNN / cuDNN);
+* ``cheap``: :class:`e2kd.bcos.layers._Conv2d` everywhere (transposed convolution for the input
+  gradient, :func:`e2kd.bcos.layers.conv2d_weight_grad` for the weight gradients);
+* ``default``: what the B-cos layers do now (``cheap`` on CUDA; on the CPU ``cheap`` only for
+  convolutions with at most 4 output pixels; fused unit-norm backward; native batch statistics).
+
+Prints median step times, and for each row the paired ratio (median over rounds of this step /
+the same round's step) to the KD step of ``default`` and to the same step of the first mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -21,42 +34,75 @@ import torch
 
 from e2kd.bcos import layers
 
-from .step import PAIRS, Variant, add_step_args, build_teacher, make_input, override_pair, sync
+from .step import PAIRS, Variant, add_step_args, build_teacher, make_input, override_pair, paired_ratio, sync
+
+MODES = ("previous", "native", "cheap", "default")
+
+
+class _AutogradUnitRows:
+    """The unit-norm weights as computed before :class:`e2kd.bcos.layers._UnitRows`."""
+
+    @staticmethod
+    def apply(w):
+        return w / torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())), keepdim=True)
+
+
+@contextlib.contextmanager
+def mode(name: str):
+    """Patch the B-cos layers' operations for one configuration (restored on exit)."""
+    saved = (layers.conv2d, layers._UnitRows, layers.batch_variance, layers._needed)
+    dispatch = saved[0]
+    try:
+        if name == "previous":
+            layers.conv2d = lambda x, w, stride, padding: dispatch(x, w, stride, padding, cheap=x.is_cuda)
+            layers._UnitRows = _AutogradUnitRows
+            layers.batch_variance = lambda x: x.var(dim=(0, 2, 3), unbiased=False)
+            layers._needed = lambda ctx, i: ctx.needs_input_grad[i]
+        elif name in ("native", "cheap"):
+            layers.conv2d = partial(dispatch, cheap=name == "cheap")
+        yield
+    finally:
+        layers.conv2d, layers._UnitRows, layers.batch_variance, layers._needed = saved
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_args(p, steps=6)
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     args = p.parse_args(argv)
     args.compile = False
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = sorted(set(modes) - set(MODES))
+    if bad or not modes:
+        p.error(f"--modes takes a comma-separated subset of {','.join(MODES)} (got {args.modes!r})")
+    if "default" not in modes:
+        modes.append("default")
     torch.set_num_threads(args.threads)
     override_pair(args, "bcos")
     teacher = build_teacher("bcos", args)
     x = make_input(args)
-    dispatch = layers.conv2d
-    modes = {"kd": dispatch, "native": partial(dispatch, cheap=False), "cheap": partial(dispatch, cheap=True)}
-    steps = {name: Variant("kd" if name == "kd" else "e2kd", teacher, "bcos", args) for name in modes}
-    times = {name: [] for name in modes}
-    try:
-        for i in range(args.steps + 1):
-            for name, conv in modes.items():
-                layers.conv2d = conv
+    rows = [(kind, m) for kind in ("kd", "e2kd") for m in modes]
+    steps = {row: Variant(row[0], teacher, "bcos", args) for row in rows}
+    times = {row: [] for row in rows}
+    for i in range(args.steps + 1):
+        for row in rows:
+            with mode(row[1]):
                 sync(args.device)
                 t = time.perf_counter()
-                steps[name](x)
+                steps[row](x)
                 sync(args.device)
-                if i:
-                    times[name].append(time.perf_counter() - t)
-    finally:
-        layers.conv2d = dispatch
-    kd = statistics.median(times["kd"])
+            if i:
+                times[row].append(time.perf_counter() - t)
     print(f"# {PAIRS['bcos'][0]} -> {PAIRS['bcos'][1]}, {args.size} px, batch {args.batch}, amp {args.amp}, "
-          f"channels-last {args.channels_last}, device {args.device}, {args.steps} interleaved steps")
-    print("| student convolution | median step (ms) | ratio to KD |")
-    print("|---|---:|---:|")
-    for name in modes:
-        m = statistics.median(times[name])
-        print(f"| {name if name != 'kd' else 'KD (reference)'} | {1e3 * m:.1f} | {m / kd:.2f} |")
+          f"channels-last {args.channels_last}, threads {args.threads}, device {args.device}, "
+          f"{args.steps} interleaved rounds")
+    print(f"| step | B-cos operations | median step (ms) | paired ratio to KD (default) | paired ratio to {modes[0]} |")
+    print("|---|---|---:|---:|---:|")
+    ref = times[("kd", "default")]
+    for row in rows:
+        t = times[row]
+        print(f"| {'KD' if row[0] == 'kd' else 'live e²KD'} | {row[1]} | {1e3 * statistics.median(t):.1f} | "
+              f"{paired_ratio(t, ref):.2f} | {paired_ratio(t, times[(row[0], modes[0])]):.2f} |")
     return 0
 
 

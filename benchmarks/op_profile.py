@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     add_step_args(p, steps=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top", type=int, default=25, help="operators shown per variant")
+    p.add_argument("--shapes", action="store_true", help="one row per operator and input shapes")
     args = p.parse_args(argv)
     override_pair(args, args.pair)
     args.compile = False
@@ -49,11 +50,11 @@ def main(argv=None) -> int:
         for _ in range(args.warmup):
             step(x)
         sync(args.device)
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=args.shapes) as prof:
             for _ in range(args.steps):
                 step(x)
             sync(args.device)
-        events = prof.key_averages()
+        events = prof.key_averages(group_by_input_shape=args.shapes)
         attr = "self_device_time_total" if cuda else "self_cpu_time_total"
         total = sum(getattr(e, attr, 0.0) for e in events)
         rows = sorted(events, key=lambda e: getattr(e, attr, 0.0), reverse=True)[: args.top]
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
         print("|---|---:|---:|---:|")
         for e in rows:
             t = getattr(e, attr, 0.0)
-            print(f"| {e.key[:90]} | {e.count / args.steps:.0f} | {t / 1e3 / args.steps:.2f} | {100 * t / max(total, 1e-9):.1f} % |")
+            key = e.key[:90] + (f" {e.input_shapes}"[:160] if args.shapes else "")
+            print(f"| {key} | {e.count / args.steps:.0f} | {t / 1e3 / args.steps:.2f} | {100 * t / max(total, 1e-9):.1f} % |")
         del step
         if cuda:
             torch.cuda.empty_cache()

@@ -143,7 +143,12 @@ def test_dynamic_factor_functions_have_the_exact_derivative_and_second_derivativ
         assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("stride,padding,k,size", [(1, 1, 3, 7), (2, 1, 3, 7), (2, 3, 7, 9), (2, 0, 1, 8), (1, 0, 1, 5)])
+@pytest.mark.parametrize(
+    "stride,padding,k,size",
+    # the first five: native weight gradients; the rest have at most 4 output pixels (matrix product)
+    [(1, 1, 3, 7), (2, 1, 3, 7), (2, 3, 7, 9), (2, 0, 1, 8), (1, 0, 1, 5), (1, 1, 3, 2), (2, 1, 3, 4), (2, 0, 1, 3),
+     (1, 1, 3, 1)],
+)
 def test_conv_with_cheap_double_backward_matches_the_native_one(stride, padding, k, size):
     """_Conv2d (used on CUDA for trained B-cos weights) has the native convolution's value,
     gradients and second-order gradients, also where stride leaves rows unused (odd sizes)."""
@@ -167,12 +172,75 @@ def test_conv_with_cheap_double_backward_matches_the_native_one(stride, padding,
     assert torch.allclose(gw, gw_ref)
 
 
-def test_conv_dispatch_native_on_cpu_and_for_frozen_weights():
+def test_conv_dispatch_on_cpu_by_output_size_and_native_for_frozen_weights():
     from e2kd.bcos import layers
 
-    x = torch.rand(1, 2, 5, 5)
     w = torch.rand(3, 2, 3, 3, requires_grad=True)
-    y = layers.conv2d(x, w, (1, 1), (1, 1))
-    assert "Convolution" in type(y.grad_fn).__name__  # the native node on the CPU
+    big = layers.conv2d(torch.rand(1, 2, 5, 5), w, (1, 1), (1, 1))  # 25 output pixels
+    assert "Convolution" in type(big.grad_fn).__name__  # the native node on the CPU
+    small = layers.conv2d(torch.rand(1, 2, 4, 4), w, (2, 2), (1, 1))  # 2 x 2 output pixels
+    assert type(small.grad_fn).__name__ == "_Conv2dBackward"
     with torch.no_grad():
-        assert layers.conv2d(x, w, (1, 1), (1, 1)).grad_fn is None
+        assert layers.conv2d(torch.rand(1, 2, 2, 2), w, (1, 1), (1, 1)).grad_fn is None
+    frozen = layers.conv2d(torch.rand(1, 2, 2, 2, requires_grad=True), w.detach(), (1, 1), (1, 1))
+    assert "Convolution" in type(frozen.grad_fn).__name__
+
+
+@pytest.mark.parametrize(
+    "n,c,o,k,stride,padding,size",
+    [(3, 4, 5, 3, 1, 1, (2, 2)), (2, 3, 4, 3, 2, 1, (4, 3)), (2, 3, 4, 1, 2, 0, (3, 4)), (4, 2, 3, 3, 1, 1, (1, 1)),
+     (2, 3, 2, 3, 1, 0, (4, 4)), (2, 3, 4, 3, 1, 1, (5, 5))],
+)
+def test_conv_weight_grad_matches_the_native_kernel(n, c, o, k, stride, padding, size):
+    """The matrix-product weight gradient (outputs of at most 4 pixels on the CPU) equals the
+    native one, for strides, paddings, 1 x 1 kernels and non-square inputs; larger outputs take
+    the native kernel itself."""
+    from e2kd.bcos.layers import conv2d_weight_grad
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, *size, generator=g, dtype=torch.float64)
+    w_shape = (o, c, k, k)
+    y = F.conv2d(x, torch.zeros(w_shape, dtype=torch.float64), None, stride, padding)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    ref = torch.nn.grad.conv2d_weight(x, w_shape, gy, stride, padding)
+    torch.testing.assert_close(conv2d_weight_grad(x, gy, w_shape, (stride,) * 2, (padding,) * 2), ref)
+    # and by hand for one entry: sum over batch and output positions of g * input under the tap
+    xp = F.pad(x, (padding,) * 4)
+    hand = sum(
+        gy[b, 1 % o, i, j] * xp[b, 0, i * stride + k - 1, j * stride]
+        for b in range(n) for i in range(y.shape[2]) for j in range(y.shape[3])
+    )
+    torch.testing.assert_close(ref[1 % o, 0, k - 1, 0], hand)
+
+
+def test_unit_rows_backward_matches_autograd_of_the_formula():
+    from e2kd.bcos.layers import _UnitRows
+
+    for shape in [(4, 3, 3, 3), (5, 7)]:
+        w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        ref = w / torch.linalg.vector_norm(w.flatten(1), dim=1).view(-1, *([1] * (w.dim() - 1)))
+        u = _UnitRows.apply(w)
+        torch.testing.assert_close(u, ref)
+        gy = torch.randn_like(u)
+        (g1,) = torch.autograd.grad(u, w, gy)
+        (g2,) = torch.autograd.grad(ref, w, gy)
+        torch.testing.assert_close(g1, g2)
+        assert torch.autograd.gradcheck(_UnitRows.apply, (w,))
+        assert torch.autograd.gradgradcheck(_UnitRows.apply, (w,))
+
+
+def test_batch_variance_matches_tensor_var_and_is_twice_differentiable():
+    from e2kd.bcos.layers import batch_variance
+
+    x = (torch.randn(3, 4, 2, 5, dtype=torch.float64) * 3 + 2).requires_grad_()
+    torch.testing.assert_close(batch_variance(x), x.var(dim=(0, 2, 3), unbiased=False))
+    gy = torch.randn(4, dtype=torch.float64)
+    (g1,) = torch.autograd.grad(batch_variance(x), x, gy)
+    (g2,) = torch.autograd.grad(x.var(dim=(0, 2, 3), unbiased=False), x, gy)
+    torch.testing.assert_close(g1, g2)
+    assert torch.autograd.gradcheck(batch_variance, (x,))
+    assert torch.autograd.gradgradcheck(batch_variance, (x,))
+    half = x.detach().bfloat16()  # other dtypes: Tensor.var
+    torch.testing.assert_close(batch_variance(half), half.var(dim=(0, 2, 3), unbiased=False))
+
+

@@ -8,6 +8,7 @@ convolution backward) and the teacher keeps neither parameter gradients nor its 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import e2kd
 from e2kd.bcos import BcosExplainer
+from e2kd.bcos import layers as bcos_layers
 from e2kd.bcos.layers import BcosConv2d
 from e2kd.explain.gradcam import GradCAM
 from e2kd.models import create_model
@@ -28,19 +30,56 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class ConvBackwardLog(TorchDispatchMode):
-    """Records the output mask (input, weight, bias) of every convolution backward it sees."""
+    """Records every gradient computation of a convolution as ``(mask, weight shape)``, ``mask`` =
+    (input gradient, weight gradient, bias gradient).
+
+    Three routes are seen: the native ``convolution_backward`` (its own output mask), a
+    transposed convolution (the input gradient of :class:`e2kd.bcos.layers._Conv2d`:
+    ``(True, False, False)``) and a weight gradient computed by
+    :func:`e2kd.bcos.layers.conv2d_weight_grad` as a matrix product (``(False, True, False)``).
+    """
 
     def __init__(self):
         super().__init__()
-        self.masks = []
+        self.events = []
         self.forwards = 0
+        self._in_weight_grad = 0
+
+    @property
+    def masks(self):
+        return [m for m, _ in self.events]
+
+    def __enter__(self):
+        original = bcos_layers.conv2d_weight_grad
+
+        def logged(x, g, weight_shape, stride, padding):
+            self._in_weight_grad += 1
+            try:
+                out = original(x, g, weight_shape, stride, padding)
+            finally:
+                self._in_weight_grad -= 1
+            self.events.append(((False, True, False), tuple(weight_shape)))
+            return out
+
+        self._original = original
+        bcos_layers.conv2d_weight_grad = logged
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        bcos_layers.conv2d_weight_grad = self._original
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten.convolution_backward.default:
-            self.masks.append(tuple(bool(m) for m in args[-1]))
+        if self._in_weight_grad:
+            pass  # recorded once by the conv2d_weight_grad wrapper, whichever kernel it uses
+        elif func is torch.ops.aten.convolution_backward.default:
+            self.events.append((tuple(bool(m) for m in args[-1]), tuple(args[2].shape)))
         elif func is torch.ops.aten.convolution.default:
-            self.forwards += 1
+            if args[6]:  # transposed: an input gradient
+                self.events.append(((True, False, False), tuple(args[1].shape)))
+            else:
+                self.forwards += 1
         return func(*args, **kwargs)
 
 
@@ -52,7 +91,7 @@ def _count_calls(module):
 
 def _pair(kind):
     if kind == "gradcam":
-        return (create_model("resnet8_small", num_classes=5, width=8).eval(),
+        return (create_model("resnet8_small", num_classes=5, width=6).eval(),
                 create_model("resnet8_small", num_classes=5, width=4), "gradcam")
     return (create_model("bcos_resnet8_small", num_classes=5, width=6).eval(),
             create_model("bcos_resnet8_small", num_classes=5, width=4), "bcos")
@@ -122,10 +161,16 @@ def test_lam0_computes_no_explanation(kind, monkeypatch):
         out["loss"].backward()
     assert explained == []
     assert out["student_maps"] is None and out["teacher_maps"] is None
-    # one ordinary backward: each student convolution differentiated once, teacher none
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in student.modules())
-    assert len(log.masks) == convs
-    assert all(m[1] for m in log.masks), "every backward convolution must be the student's weight gradient"
+    # one ordinary backward: each student convolution's weight gradient once, nothing of the teacher
+    student_convs = [m for m in student.modules() if isinstance(m, torch.nn.Conv2d)]
+    teacher_shapes = {tuple(m.weight.shape) for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)}
+    shapes = {tuple(m.weight.shape) for m in student_convs}
+    assert not shapes & teacher_shapes, "the test needs teacher and student convolutions told apart by shape"
+    weight_grads = sorted(shape for mask, shape in log.events if mask[1])
+    assert weight_grads == sorted(tuple(m.weight.shape) for m in student_convs)
+    assert all(shape in shapes for _, shape in log.events), f"a teacher convolution was differentiated: {log.events}"
+    if kind == "bcos":  # the input gradient of a convolution whose input is a trained activation, at most once each
+        assert sum(mask[0] for mask, _ in log.events) == len(student_convs) - 1
     # and lam=0 gives exactly the KD loss
     with torch.no_grad():
         kd = e2kd.kd_loss(student(x), teacher(x), 1.0)
@@ -183,7 +228,10 @@ def test_bcos_teacher_explanation_keeps_no_parameter_gradient_and_no_graph():
     assert not kept.intersection(t.data_ptr() for t in conv_inputs), "a convolution input was kept for backward"
 
 
-def test_bcos_student_explanation_backward_computes_input_gradients_only():
+@pytest.mark.parametrize("cheap", [None, True])  # the CPU dispatch, and every convolution through _Conv2d (CUDA)
+def test_bcos_student_explanation_backward_computes_input_gradients_only(cheap, monkeypatch):
+    if cheap is not None:
+        monkeypatch.setattr(bcos_layers, "conv2d", functools.partial(bcos_layers.conv2d, cheap=cheap))
     _, student, _ = _pair("bcos")
     x = torch.rand(3, 3, 16, 16)
     with ConvBackwardLog() as log:

@@ -102,8 +102,42 @@ class InputEncoding(nn.Module):
         return f"in_chans={self.in_chans} -> {2 * self.in_chans} channels [x, 1-x]"
 
 
-def _unit_rows(module: nn.Module, dims) -> torch.Tensor:
-    """``w / ‖w‖`` over ``dims``; cached while the weight is frozen and unchanged.
+def _row_norms(w: torch.Tensor) -> torch.Tensor:
+    """``‖w_o‖`` of every row ``w_o = w[o]`` (all dimensions but the first), keeping dimensions."""
+    return torch.linalg.vector_norm(w.flatten(1), dim=1).view(-1, *([1] * (w.dim() - 1)))
+
+
+class _UnitRows(torch.autograd.Function):
+    r"""``u = w / ‖w‖`` row by row (all dimensions but the first), with its backward in two fused
+    passes instead of autograd's generic division and norm nodes (a fifth of a B-cos ResNet-18
+    KD step on the CPU went there):
+
+    .. math:: \frac{\partial L}{\partial w_o} = \frac{g_o - u_o \langle g_o, u_o\rangle}{\|w_o\|}
+
+    The backward is built from differentiable operations on the saved input and output, so it
+    can itself be differentiated.
+    """
+
+    @staticmethod
+    def forward(ctx, w):
+        norms = _row_norms(w)
+        u = w / norms
+        ctx.save_for_backward(w, u)
+        ctx.norms = norms
+        return u
+
+    @staticmethod
+    def backward(ctx, g):
+        w, u = ctx.saved_tensors
+        # differentiated again (create_graph): the norms' own dependence on w must be in the graph
+        norms = _row_norms(w) if torch.is_grad_enabled() else ctx.norms
+        rows = w.shape[0]
+        dot = torch.bmm(g.reshape(rows, 1, -1), u.reshape(rows, -1, 1)).view_as(norms)
+        return torch.addcmul(g, u, dot, value=-1) / norms
+
+
+def _unit_rows(module: nn.Module) -> torch.Tensor:
+    """``w / ‖w‖`` row by row (over all dimensions but the first); cached while the weight is frozen and unchanged.
 
     A trainable weight is normalised on every call (the normalisation is part of its graph), and
     seeing it trainable drops any cached copy: an optimiser may change it in place without
@@ -116,12 +150,12 @@ def _unit_rows(module: nn.Module, dims) -> torch.Tensor:
     w = module.weight
     if w.requires_grad:
         module.__dict__.pop("_unit_cache", None)
-        return w / torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+        return _UnitRows.apply(w) if torch.is_grad_enabled() else w / _row_norms(w)
     key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
     cached = module.__dict__.get("_unit_cache")
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            unit = w / torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+            unit = w / _row_norms(w)
         module.__dict__["_unit_cache"] = cached = (key, unit)
     return cached[1]
 
@@ -130,7 +164,7 @@ class _NormedConv2d(nn.Conv2d):
     """Holds the weight (key ``linear.weight``); the B-cos layer uses its unit-norm rows."""
 
     def unit_weight(self) -> torch.Tensor:
-        return _unit_rows(self, (1, 2, 3))
+        return _unit_rows(self)
 
 
 class _ExplainedConv(torch.autograd.Function):
@@ -161,19 +195,92 @@ class _ExplainedConv(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
-class _Conv2d(torch.autograd.Function):
-    """``F.conv2d(x, w)`` (no bias, groups 1, dilation 1) whose backward is built from ordinary
-    differentiable operations, so that a second-order pass stays cheap.
+# On the CPU, oneDNN's weight gradient of a 3 x 3 convolution whose output has only a few pixels
+# (the last stage of an ImageNet-stem ResNet at 64 px: 2 x 2) is 2-6x slower than the same sum
+# written as one matrix product over unfolded patches (``python -m benchmarks.conv_weight_grad``);
+# from about 3 x 3 output pixels on, oneDNN is as fast or faster.
+_MATMUL_WEIGHT_GRAD_MAX_PIXELS = 4
 
-    The input gradient is ``conv_transpose2d(g, w)``. When it is taken with
-    ``create_graph=True`` (a student's explanation), autograd differentiates that transposed
-    convolution with the ordinary fast kernels: a convolution for ``∂/∂g`` and a cuDNN/oneDNN
-    weight gradient for ``∂/∂w``. Through the native convolution the same second-order pass
-    goes to ``_convolution_double_backward``, which forms the weight term as a convolution over
+
+def _output_pixels(size, kernel, stride, padding) -> int:
+    n = 1
+    for i in range(2):
+        n *= (size[i] + 2 * padding[i] - kernel[i]) // stride[i] + 1
+    return n
+
+
+def conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, padding) -> torch.Tensor:
+    r"""Weight gradient of ``y = conv2d(x, w)`` (no bias, groups 1, dilation 1) for an output
+    gradient ``g``:
+
+    .. math:: \frac{\partial L}{\partial w_{o,c,i,j}} = \sum_{n,p}
+              g_{n,o,p}\; x_{n,c,\,s p + (i,j) - \text{pad}}
+
+    On the CPU, where the output has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels, computed as
+    one matrix product of ``g`` with the unfolded input patches; elsewhere by the native kernel.
+    Differentiable in ``x`` and ``g`` either way.
+    """
+    n_out, pixels = g.shape[1], g.shape[-2] * g.shape[-1]
+    if x.device.type != "cpu" or pixels > _MATMUL_WEIGHT_GRAD_MAX_PIXELS:
+        return torch.nn.grad.conv2d_weight(x, weight_shape, g, stride, padding)
+    patches = F.unfold(x, tuple(weight_shape[-2:]), padding=padding, stride=stride)  # (N, C·kh·kw, P)
+    cols = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·P, C·kh·kw)
+    rows = g.flatten(2).transpose(0, 1).reshape(n_out, -1)  # (O, N·P), same (n, p) order
+    return (rows @ cols).view(weight_shape)
+
+
+def _needed(ctx, i: int) -> bool:
+    """Whether the running backward pass needs the gradient of input ``i`` of a custom autograd
+    function. ``ctx.needs_input_grad`` only says that the input requires grad; autograd does not
+    prune a Python function's outputs, so without this check an explanation pass
+    (``torch.autograd.grad(score, x, create_graph=True)``) would also compute every weight
+    gradient. Falls back to ``needs_input_grad`` where the engine cannot tell (a leaf input
+    under ``torch.autograd.grad``)."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    try:
+        return node is not None and bool(torch._C._will_engine_execute_node(node))
+    except (RuntimeError, AttributeError):
+        return True
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """Input gradient of a convolution, ``conv_transpose2d(g, w)``, as an autograd node whose own
+    backward uses :func:`conv2d_weight_grad` for ``∂/∂w`` (a student's explanation is
+    differentiated through it once more) and a plain convolution for ``∂/∂g``."""
+
+    @staticmethod
+    def forward(ctx, g, weight, input_shape, stride, padding):
+        ctx.save_for_backward(g, weight)
+        ctx.geometry = (stride, padding)
+        kh, kw = weight.shape[-2:]
+        full = [(g.shape[-2 + i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i] for i in range(2)]
+        extra = tuple(input_shape[-2 + i] - full[i] for i in range(2))
+        return F.conv_transpose2d(g, weight, None, stride, padding, extra)
+
+    @staticmethod
+    def backward(ctx, u):
+        g, weight = ctx.saved_tensors
+        stride, padding = ctx.geometry
+        gg = F.conv2d(u, weight, None, stride, padding) if _needed(ctx, 0) else None
+        gw = conv2d_weight_grad(u, g, weight.shape, stride, padding) if _needed(ctx, 1) else None
+        return gg, gw, None, None, None
+
+
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d(x, w)`` (no bias, groups 1, dilation 1) whose backward is built from operations
+    chosen for a trained B-cos weight, so that the second-order pass of a student's explanation
+    stays cheap.
+
+    The input gradient is :class:`_ConvInputGrad`. When it is taken with ``create_graph=True``
+    (a student's explanation), its own backward is a convolution for ``∂/∂g`` and a weight
+    gradient for ``∂/∂w``. Through the native convolution the same second-order pass goes to
+    ``_convolution_double_backward``, which on CUDA forms the weight term as a convolution over
     the batch with an output-sized kernel (dilated by the stride): 9-18 ms a call for a batch of
     128 at 224 px on an H100. The live B-cos e²KD step (B-cos ResNet-34 -> ResNet-18, bf16)
-    went from 175 to 112 ms with this function (``python -m benchmarks.bcos_conv``). The weight
-    gradient is only ever needed to first order and uses the native kernel.
+    went from 175 to 112 ms with this function (``python -m benchmarks.bcos_conv``). Weight
+    gradients go through :func:`conv2d_weight_grad`.
     """
 
     @staticmethod
@@ -187,25 +294,31 @@ class _Conv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding = ctx.geometry
         gx = gw = None
-        if ctx.needs_input_grad[0]:
+        if _needed(ctx, 0):
             w = weight.to(g.dtype)  # under autocast the forward ran in the gradient's dtype
-            kh, kw = w.shape[-2:]
-            full = [(g.shape[-2 + i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i] for i in range(2)]
-            extra = tuple(x.shape[-2 + i] - full[i] for i in range(2))
-            gx = F.conv_transpose2d(g, w, None, stride, padding, extra).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            gw = torch.nn.grad.conv2d_weight(x.to(g.dtype), weight.shape, g, stride, padding).to(weight.dtype)
+            gx = _ConvInputGrad.apply(g, w, tuple(x.shape), stride, padding).to(x.dtype)
+        if _needed(ctx, 1):
+            gw = conv2d_weight_grad(x.to(g.dtype), g, weight.shape, stride, padding).to(weight.dtype)
         return gx, gw, None, None
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cheap=None) -> torch.Tensor:
     """The B-cos layers' linear convolution: :class:`_Conv2d` where a weight is trained (its
-    backward may be differentiated again) and ``cheap`` (default: on CUDA), the native one
-    otherwise. On the CPU the native second-order pass is the faster one (a B-cos ResNet-18
-    explanation step at 64 px, batch 32, took 1.16x as long through :class:`_Conv2d`)."""
+    backward may be differentiated again) and ``cheap``, the native one otherwise.
+
+    ``cheap=None`` (default) chooses :class:`_Conv2d` on CUDA and, on the CPU, where the output
+    has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels (its weight gradients then go through
+    a matrix product). Elsewhere on the CPU the native second-order pass is the faster one (a
+    B-cos ResNet-18 explanation step at 64 px, batch 32, took 1.16x as long with every
+    convolution through :class:`_Conv2d`)."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return F.conv2d(x, weight, None, stride, padding)
     if cheap is None:
-        cheap = x.is_cuda
-    if cheap and torch.is_grad_enabled() and weight.requires_grad:
+        cheap = x.is_cuda or (
+            x.device.type == "cpu"
+            and _output_pixels(x.shape[-2:], weight.shape[-2:], stride, padding) <= _MATMUL_WEIGHT_GRAD_MAX_PIXELS
+        )
+    if cheap:
         return _Conv2d.apply(x, weight, tuple(stride), tuple(padding))
     return F.conv2d(x, weight, None, stride, padding)
 
@@ -301,7 +414,7 @@ class BcosConv2d(DynamicLinearModule):
 
 class _NormedLinear(nn.Linear):
     def unit_weight(self) -> torch.Tensor:
-        return _unit_rows(self, 1)
+        return _unit_rows(self)
 
 
 class BcosLinear(DynamicLinearModule):
@@ -342,6 +455,39 @@ class BcosLinear(DynamicLinearModule):
         )
 
 
+class _BatchVariance(torch.autograd.Function):
+    """Biased per-channel variance of (N, C, H, W) from the native batch-norm statistics kernel
+    (about 3x faster on the CPU than ``Tensor.var`` over dimensions (0, 2, 3))."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mean, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
+        ctx.save_for_backward(x)
+        ctx.mean = mean
+        return var
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        # differentiated again (create_graph): the mean's own dependence on x must be in the graph
+        mean = x.mean(dim=(0, 2, 3)) if torch.is_grad_enabled() else ctx.mean
+        scale = g * (2.0 / (x.numel() // x.shape[1]))
+        return (x - mean[:, None, None]) * scale[:, None, None]
+
+
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    r"""Biased variance of every channel of a batch ``x`` of shape (N, C, H, W):
+
+    .. math:: \sigma_c^2 = \frac{1}{NHW} \sum_{n,h,w} (x_{nchw} - \mu_c)^2
+
+    Differentiable (twice); float32 / float64 through the native batch-norm statistics kernel,
+    other dtypes through ``Tensor.var``.
+    """
+    if x.dtype in (torch.float32, torch.float64) and x.shape[0] * x.shape[2] * x.shape[3] > 0:
+        return _BatchVariance.apply(x)
+    return x.var(dim=(0, 2, 3), unbiased=False)
+
+
 class BatchNormUncentred2d(nn.BatchNorm2d, DynamicLinearModule):
     r"""Uncentred batch norm without bias (B-cos v2, "BNU").
 
@@ -370,9 +516,9 @@ class BatchNormUncentred2d(nn.BatchNorm2d, DynamicLinearModule):
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         if self.explanation_mode:
             with torch.no_grad():
-                var = x.var(dim=(0, 2, 3), unbiased=False)
+                var = batch_variance(x)
         else:
-            var = x.var(dim=(0, 2, 3), unbiased=False)
+            var = batch_variance(x)
         with torch.no_grad():
             self.running_var.mul_(1 - momentum).add_(var.detach(), alpha=momentum)
         inv = torch.rsqrt(var + self.eps)[None, :, None, None]
