@@ -308,9 +308,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cheap=None
 
     ``cheap=None`` (default) chooses :class:`_Conv2d` on CUDA and, on the CPU, where the output
     has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels (its weight gradients then go through
-    a matrix product). Elsewhere on the CPU the native second-order pass is the faster one (a
-    B-cos ResNet-18 explanation step at 64 px, batch 32, took 1.16x as long with every
-    convolution through :class:`_Conv2d`)."""
+    a matrix product, 2-13x faster there). Elsewhere on the CPU the two are close: single
+    layers of a B-cos ResNet at 64 px run an e²KD step 7-12 % faster through
+    :class:`_Conv2d` and a KD step up to 8 % faster natively, and whole steps of the B-cos
+    ResNet-34 -> ResNet-18 pair differ by less than the noise
+    (``python -m benchmarks.bcos_conv --modes native,cheap,default``)."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.conv2d(x, weight, None, stride, padding)
     if cheap is None:
