@@ -133,7 +133,8 @@ class _UnitRows(torch.autograd.Function):
         norms = _row_norms(w) if torch.is_grad_enabled() else ctx.norms
         rows = w.shape[0]
         dot = torch.bmm(g.reshape(rows, 1, -1), u.reshape(rows, -1, 1)).view_as(norms)
-        return torch.addcmul(g, u, dot, value=-1) / norms
+        # in place on the fresh result: a second weight-sized allocation costs page faults
+        return torch.addcmul(g, u, dot, value=-1).div_(norms)
 
 
 def _unit_rows(module: nn.Module) -> torch.Tensor:
@@ -474,7 +475,7 @@ class _BatchVariance(torch.autograd.Function):
         # differentiated again (create_graph): the mean's own dependence on x must be in the graph
         mean = x.mean(dim=(0, 2, 3)) if torch.is_grad_enabled() else ctx.mean
         scale = g * (2.0 / (x.numel() // x.shape[1]))
-        return (x - mean[:, None, None]) * scale[:, None, None]
+        return (x - mean[:, None, None]).mul_(scale[:, None, None])
 
 
 def batch_variance(x: torch.Tensor) -> torch.Tensor:
