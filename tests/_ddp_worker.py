@@ -1,6 +1,6 @@
 """One distillation step, run alone or under ``torchrun``; rank 0 saves loss and gradients.
 
-Usage: python _ddp_worker.py TEACHER_WEIGHTS OUT_FILE WORKDIR
+Usage: python _ddp_worker.py TEACHER_WEIGHTS OUT_FILE WORKDIR [gradcam|bcos]
 """
 
 from __future__ import annotations
@@ -34,15 +34,17 @@ class Dump:
             save_file(tensors, self.out)
 
 
-def main(teacher, out, workdir):
+def main(teacher, out, workdir, kind="gradcam"):
     torch.set_num_threads(1)
+    net = "tiny_bcos_test_net" if kind == "bcos" else "tiny_test_net"
     values = base_config(
         workdir,
         "ddp",
         **{
-            "model.name": "tiny_test_net",
+            "model.name": net,
             "model.kwargs": {"width": 5},
-            "teacher.name": "tiny_test_net",
+            "distill.explainer": kind,
+            "teacher.name": net,
             "teacher.kwargs": {"width": 6},
             "teacher.checkpoint": teacher,
             "distill.lam": 2.0,
@@ -56,4 +58,4 @@ def main(teacher, out, workdir):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from e2kd.bcos.layers import BcosConv2d, InputEncoding, LogitBias
+from e2kd.bcos.models import BcosModel
 from e2kd.models import register_model
 from e2kd.models._registry import _MODELS
 
@@ -31,6 +33,32 @@ if "tiny_test_net" not in _MODELS:
     @register_model
     def tiny_test_net(num_classes: int = 4, in_chans: int = 3, width: int = 6, **kw) -> nn.Module:
         return TinyNet(num_classes=num_classes, in_chans=in_chans, width=width)
+
+
+class TinyBcosNet(BcosModel):
+    """Three strided 3×3 B-cos convolutions (16 → 8 → 4 → 2 px at 16 px inputs; the last one takes
+    the CPU's matrix-product weight gradient), no batch statistics."""
+
+    def __init__(self, *, num_classes: int = 4, in_chans: int = 3, width: int = 6):
+        super().__init__()
+        self.encoding = InputEncoding(in_chans)
+        self.features = nn.Sequential(
+            BcosConv2d(2 * in_chans, width, 3, stride=2, padding=1),
+            BcosConv2d(width, width, 3, stride=2, padding=1),
+            BcosConv2d(width, num_classes, 3, stride=2, padding=1),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.logit_layer = LogitBias(num_classes)
+
+    def forward(self, x):
+        return self.logit_layer(torch.flatten(self.pool(self.features(self.encoding(x))), 1))
+
+
+if "tiny_bcos_test_net" not in _MODELS:
+
+    @register_model
+    def tiny_bcos_test_net(num_classes: int = 4, in_chans: int = 3, width: int = 6, **kw) -> nn.Module:
+        return TinyBcosNet(num_classes=num_classes, in_chans=in_chans, width=width)
 
 
 def base_config(tmp_path, name: str, **extra) -> dict:

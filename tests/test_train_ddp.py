@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _train_helpers import TinyNet
+from _train_helpers import TinyBcosNet, TinyNet
 from e2kd.train.checkpoint import save_weights
 
 pytestmark = pytest.mark.slow
@@ -30,16 +30,19 @@ def _env():
     return env
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["gradcam", "bcos"])  # bcos: the explanation's second-order pass under DDP
+def test_two_process_ddp_matches_one_process(tmp_path, kind):
     torch.manual_seed(3)
     teacher = tmp_path / "teacher.safetensors"
-    save_weights(teacher, TinyNet(num_classes=4, in_chans=3, width=6).state_dict())
+    net = TinyBcosNet if kind == "bcos" else TinyNet
+    save_weights(teacher, net(num_classes=4, in_chans=3, width=6).state_dict())
     worker = str(HERE / "_ddp_worker.py")
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    subprocess.run([sys.executable, worker, str(teacher), str(one), str(tmp_path / "w1")], check=True, env=_env(), timeout=300)
+    subprocess.run([sys.executable, worker, str(teacher), str(one), str(tmp_path / "w1"), kind], check=True, env=_env(),
+                   timeout=300)
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "--rdzv-backend=c10d",
-         "--rdzv-endpoint=localhost:0", worker, str(teacher), str(two), str(tmp_path / "w2")],
+         "--rdzv-endpoint=localhost:0", worker, str(teacher), str(two), str(tmp_path / "w2"), kind],
         check=True, env=_env(), timeout=300,
     )
     a, b = load_file(str(one)), load_file(str(two))
