@@ -360,3 +360,12 @@ def test_trained_bcos_student_explained_at_evaluation_sees_fused_optimiser_updat
     torch.testing.assert_close(after, fresh)
     assert not torch.allclose(after, before)
     assert all(p.requires_grad and not hasattr(p, "_e2kd_temporarily_frozen") for p in student.parameters())
+
+
+def test_conv_weight_grad_benchmark_runs_and_checks_agreement():
+    cmd = [sys.executable, "-m", "benchmarks.conv_weight_grad", "--batch", "2", "--threads", "1", "--channels", "4,8",
+           "--sides", "1,2,5", "--repeats", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
+    assert len(rows) == 2 and all(row.count("=") == 3 for row in rows), res.stdout
