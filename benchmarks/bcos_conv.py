@@ -13,7 +13,7 @@ ResNet-18 with the B-cos layers' operations run several ways (``--modes``):
 * ``native``: ``F.conv2d`` everywhere (its second-order pass goes through
   ``_convolution_double_backward``, its weight gradients through oneDNN / cuDNN);
 * ``cheap``: :class:`e2kd.bcos.layers._Conv2d` everywhere (transposed convolution for the input
-  gradient, :func:`e2kd.bcos.layers.conv2d_weight_grad` for the weight gradients);
+  gradient, :func:`e2kd._conv.conv2d_weight_grad` for the weight gradients);
 * ``default``: what the B-cos layers do now (``cheap`` on CUDA; on the CPU ``cheap`` only for
   convolutions with at most 4 output pixels; fused unit-norm backward; native batch statistics).
 
@@ -32,6 +32,7 @@ from functools import partial
 
 import torch
 
+from e2kd import _conv
 from e2kd.bcos import layers
 
 from .step import PAIRS, Variant, add_step_args, build_teacher, make_input, override_pair, paired_ratio, sync
@@ -50,19 +51,19 @@ class _AutogradUnitRows:
 @contextlib.contextmanager
 def mode(name: str):
     """Patch the B-cos layers' operations for one configuration (restored on exit)."""
-    saved = (layers.conv2d, layers._UnitRows, layers.batch_variance, layers._needed)
+    saved = (layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed)
     dispatch = saved[0]
     try:
         if name == "previous":
             layers.conv2d = lambda x, w, stride, padding: dispatch(x, w, stride, padding, cheap=x.is_cuda)
             layers._UnitRows = _AutogradUnitRows
             layers.batch_variance = lambda x: x.var(dim=(0, 2, 3), unbiased=False)
-            layers._needed = lambda ctx, i: ctx.needs_input_grad[i]
+            _conv._needed = lambda ctx, i: ctx.needs_input_grad[i]
         elif name in ("native", "cheap"):
             layers.conv2d = partial(dispatch, cheap=name == "cheap")
         yield
     finally:
-        layers.conv2d, layers._UnitRows, layers.batch_variance, layers._needed = saved
+        layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed = saved
 
 
 def main(argv=None) -> int:

@@ -244,3 +244,39 @@ def test_batch_variance_matches_tensor_var_and_is_twice_differentiable():
     torch.testing.assert_close(batch_variance(half), half.var(dim=(0, 2, 3), unbiased=False))
 
 
+
+
+def test_fast_small_convs_match_nn_conv2d_and_keep_the_state_dict():
+    """use_fast_small_convs (applied by create_model): same values and gradients to second order
+    as nn.Conv2d, bias included, on tiny and ordinary outputs; state dict unchanged; grouped
+    convolutions left alone."""
+    from torch import nn
+
+    from e2kd._conv import FastSmallConv2d, use_fast_small_convs
+
+    torch.manual_seed(0)
+    for stride, padding, size in [(1, 1, 2), (2, 1, 4), (1, 1, 5)]:  # 4, 4 and 25 output pixels
+        ref = nn.Conv2d(3, 4, 3, stride=stride, padding=padding, bias=True).double()
+        fast = use_fast_small_convs(nn.Sequential(nn.Conv2d(3, 4, 3, stride=stride, padding=padding).double()))[0]
+        fast.load_state_dict(ref.state_dict())
+        assert type(fast) is FastSmallConv2d and isinstance(fast, nn.Conv2d)
+        x = torch.randn(2, 3, size, size, dtype=torch.double, requires_grad=True)
+        y, y_ref = fast(x), ref(x)
+        torch.testing.assert_close(y, y_ref)
+        if size * size // stride**2 <= 4:
+            assert "_Conv2dBackward" in {type(f).__name__ for f, _ in y.grad_fn.next_functions}  # then + bias
+        g = torch.randn_like(y)
+        (gx,) = torch.autograd.grad((y * g).sum(), x, create_graph=True)
+        (gx_ref,) = torch.autograd.grad((y_ref * g).sum(), x, create_graph=True)
+        torch.testing.assert_close(gx, gx_ref)
+        got = torch.autograd.grad(gx.square().sum() + y.sum(), [fast.weight, fast.bias])
+        want = torch.autograd.grad(gx_ref.square().sum() + y_ref.sum(), [ref.weight, ref.bias])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    grouped = use_fast_small_convs(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=2)))[0]
+    assert type(grouped) is nn.Conv2d
+    model = create_model("resnet18", num_classes=5)
+    assert all(type(m) is FastSmallConv2d for m in model.modules() if isinstance(m, nn.Conv2d))
+    import torchvision
+
+    assert set(model.state_dict()) == set(torchvision.models.resnet18(num_classes=5).state_dict())

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _conv
+from .._conv import _MATMUL_WEIGHT_GRAD_MAX_PIXELS, _Conv2d, _ConvInputGrad, _needed, _output_pixels, conv2d_weight_grad  # noqa: F401
 from .mode import DynamicLinearModule, _bcos_factor, attend, bcos_scale, scale_affine
 
 __all__ = [
@@ -196,113 +198,6 @@ class _ExplainedConv(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
-# On the CPU, oneDNN's weight gradient of a 3 x 3 convolution whose output has only a few pixels
-# (the last stage of an ImageNet-stem ResNet at 64 px: 2 x 2) is 2-6x slower than the same sum
-# written as one matrix product over unfolded patches (``python -m benchmarks.conv_weight_grad``);
-# from about 3 x 3 output pixels on, oneDNN is as fast or faster.
-_MATMUL_WEIGHT_GRAD_MAX_PIXELS = 4
-
-
-def _output_pixels(size, kernel, stride, padding) -> int:
-    n = 1
-    for i in range(2):
-        n *= (size[i] + 2 * padding[i] - kernel[i]) // stride[i] + 1
-    return n
-
-
-def conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, padding) -> torch.Tensor:
-    r"""Weight gradient of ``y = conv2d(x, w)`` (no bias, groups 1, dilation 1) for an output
-    gradient ``g``:
-
-    .. math:: \frac{\partial L}{\partial w_{o,c,i,j}} = \sum_{n,p}
-              g_{n,o,p}\; x_{n,c,\,s p + (i,j) - \text{pad}}
-
-    On the CPU, where the output has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels, computed as
-    one matrix product of ``g`` with the unfolded input patches; elsewhere by the native kernel.
-    Differentiable in ``x`` and ``g`` either way.
-    """
-    n_out, pixels = g.shape[1], g.shape[-2] * g.shape[-1]
-    if x.device.type != "cpu" or pixels > _MATMUL_WEIGHT_GRAD_MAX_PIXELS:
-        return torch.nn.grad.conv2d_weight(x, weight_shape, g, stride, padding)
-    patches = F.unfold(x, tuple(weight_shape[-2:]), padding=padding, stride=stride)  # (N, C·kh·kw, P)
-    cols = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·P, C·kh·kw)
-    rows = g.flatten(2).transpose(0, 1).reshape(n_out, -1)  # (O, N·P), same (n, p) order
-    return (rows @ cols).view(weight_shape)
-
-
-def _needed(ctx, i: int) -> bool:
-    """Whether the running backward pass needs the gradient of input ``i`` of a custom autograd
-    function. ``ctx.needs_input_grad`` only says that the input requires grad; autograd does not
-    prune a Python function's outputs, so without this check an explanation pass
-    (``torch.autograd.grad(score, x, create_graph=True)``) would also compute every weight
-    gradient. Falls back to ``needs_input_grad`` where the engine cannot tell (a leaf input
-    under ``torch.autograd.grad``)."""
-    if not ctx.needs_input_grad[i]:
-        return False
-    node = ctx.next_functions[i][0]
-    try:
-        return node is not None and bool(torch._C._will_engine_execute_node(node))
-    except (RuntimeError, AttributeError):
-        return True
-
-
-class _ConvInputGrad(torch.autograd.Function):
-    """Input gradient of a convolution, ``conv_transpose2d(g, w)``, as an autograd node whose own
-    backward uses :func:`conv2d_weight_grad` for ``∂/∂w`` (a student's explanation is
-    differentiated through it once more) and a plain convolution for ``∂/∂g``."""
-
-    @staticmethod
-    def forward(ctx, g, weight, input_shape, stride, padding):
-        ctx.save_for_backward(g, weight)
-        ctx.geometry = (stride, padding)
-        kh, kw = weight.shape[-2:]
-        full = [(g.shape[-2 + i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i] for i in range(2)]
-        extra = tuple(input_shape[-2 + i] - full[i] for i in range(2))
-        return F.conv_transpose2d(g, weight, None, stride, padding, extra)
-
-    @staticmethod
-    def backward(ctx, u):
-        g, weight = ctx.saved_tensors
-        stride, padding = ctx.geometry
-        gg = F.conv2d(u, weight, None, stride, padding) if _needed(ctx, 0) else None
-        gw = conv2d_weight_grad(u, g, weight.shape, stride, padding) if _needed(ctx, 1) else None
-        return gg, gw, None, None, None
-
-
-class _Conv2d(torch.autograd.Function):
-    """``F.conv2d(x, w)`` (no bias, groups 1, dilation 1) whose backward is built from operations
-    chosen for a trained B-cos weight, so that the second-order pass of a student's explanation
-    stays cheap.
-
-    The input gradient is :class:`_ConvInputGrad`. When it is taken with ``create_graph=True``
-    (a student's explanation), its own backward is a convolution for ``∂/∂g`` and a weight
-    gradient for ``∂/∂w``. Through the native convolution the same second-order pass goes to
-    ``_convolution_double_backward``, which on CUDA forms the weight term as a convolution over
-    the batch with an output-sized kernel (dilated by the stride): 9-18 ms a call for a batch of
-    128 at 224 px on an H100. The live B-cos e²KD step (B-cos ResNet-34 -> ResNet-18, bf16)
-    went from 175 to 112 ms with this function (``python -m benchmarks.bcos_conv``). Weight
-    gradients go through :func:`conv2d_weight_grad`.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, stride, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.geometry = (stride, padding)
-        return F.conv2d(x, weight, None, stride, padding)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        stride, padding = ctx.geometry
-        gx = gw = None
-        if _needed(ctx, 0):
-            w = weight.to(g.dtype)  # under autocast the forward ran in the gradient's dtype
-            gx = _ConvInputGrad.apply(g, w, tuple(x.shape), stride, padding).to(x.dtype)
-        if _needed(ctx, 1):
-            gw = conv2d_weight_grad(x.to(g.dtype), g, weight.shape, stride, padding).to(weight.dtype)
-        return gx, gw, None, None
-
-
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cheap=None) -> torch.Tensor:
     """The B-cos layers' linear convolution: :class:`_Conv2d` where a weight is trained (its
     backward may be differentiated again) and ``cheap``, the native one otherwise.
@@ -317,10 +212,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cheap=None
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.conv2d(x, weight, None, stride, padding)
     if cheap is None:
-        cheap = x.is_cuda or (
-            x.device.type == "cpu"
-            and _output_pixels(x.shape[-2:], weight.shape[-2:], stride, padding) <= _MATMUL_WEIGHT_GRAD_MAX_PIXELS
-        )
+        cheap = x.is_cuda or _conv.small_output_on_cpu(x, weight, stride, padding)
     if cheap:
         return _Conv2d.apply(x, weight, tuple(stride), tuple(padding))
     return F.conv2d(x, weight, None, stride, padding)

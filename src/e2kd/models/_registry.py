@@ -7,6 +7,8 @@ from typing import Callable, Dict
 
 from torch import nn
 
+from .._conv import use_fast_small_convs
+
 __all__ = ["register_model", "create_model", "list_models", "is_model"]
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
@@ -45,6 +47,9 @@ def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3, **kwa
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     model = _MODELS[name](num_classes=int(num_classes), in_chans=int(in_chans), **kwargs)
+    # plain convolutions train through the CPU's faster weight gradient at tiny outputs
+    # (numerically the same; e2kd._conv); the B-cos layers choose their own path
+    use_fast_small_convs(model)
     model.model_name = name
     return model
 

@@ -1,0 +1,167 @@
+"""Convolutions whose backward is assembled from chosen operations (torch only).
+
+:class:`_Conv2d` is ``F.conv2d`` (no bias, groups 1, dilation 1) with an input gradient that is
+itself an autograd node (:class:`_ConvInputGrad`), so that a second-order pass through it (the
+explanation term of e²KD) uses fast kernels, and with weight gradients from
+:func:`conv2d_weight_grad`, which on the CPU replaces oneDNN's slow kernel at tiny outputs by one
+matrix product. The B-cos layers use it for trained weights (:func:`e2kd.bcos.layers.conv2d`);
+:func:`use_fast_small_convs` gives ordinary ``nn.Conv2d`` modules the CPU part of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["conv2d_weight_grad", "use_fast_small_convs"]
+
+
+# On the CPU, oneDNN's weight gradient of a 3 x 3 convolution whose output has only a few pixels
+# (the last stage of an ImageNet-stem ResNet at 64 px: 2 x 2) is 2-6x slower than the same sum
+# written as one matrix product over unfolded patches (``python -m benchmarks.conv_weight_grad``);
+# from about 3 x 3 output pixels on, oneDNN is as fast or faster.
+_MATMUL_WEIGHT_GRAD_MAX_PIXELS = 4
+
+
+def _output_pixels(size, kernel, stride, padding) -> int:
+    n = 1
+    for i in range(2):
+        n *= (size[i] + 2 * padding[i] - kernel[i]) // stride[i] + 1
+    return n
+
+
+def conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, padding) -> torch.Tensor:
+    r"""Weight gradient of ``y = conv2d(x, w)`` (no bias, groups 1, dilation 1) for an output
+    gradient ``g``:
+
+    .. math:: \frac{\partial L}{\partial w_{o,c,i,j}} = \sum_{n,p}
+              g_{n,o,p}\; x_{n,c,\,s p + (i,j) - \text{pad}}
+
+    On the CPU, where the output has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels, computed as
+    one matrix product of ``g`` with the unfolded input patches; elsewhere by the native kernel.
+    Differentiable in ``x`` and ``g`` either way.
+    """
+    n_out, pixels = g.shape[1], g.shape[-2] * g.shape[-1]
+    if x.device.type != "cpu" or pixels > _MATMUL_WEIGHT_GRAD_MAX_PIXELS:
+        return torch.nn.grad.conv2d_weight(x, weight_shape, g, stride, padding)
+    patches = F.unfold(x, tuple(weight_shape[-2:]), padding=padding, stride=stride)  # (N, C·kh·kw, P)
+    cols = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·P, C·kh·kw)
+    rows = g.flatten(2).transpose(0, 1).reshape(n_out, -1)  # (O, N·P), same (n, p) order
+    return (rows @ cols).view(weight_shape)
+
+
+def _needed(ctx, i: int) -> bool:
+    """Whether the running backward pass needs the gradient of input ``i`` of a custom autograd
+    function. ``ctx.needs_input_grad`` only says that the input requires grad; autograd does not
+    prune a Python function's outputs, so without this check an explanation pass
+    (``torch.autograd.grad(score, x, create_graph=True)``) would also compute every weight
+    gradient. Falls back to ``needs_input_grad`` where the engine cannot tell (a leaf input
+    under ``torch.autograd.grad``)."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    try:
+        return node is not None and bool(torch._C._will_engine_execute_node(node))
+    except Exception:  # noqa: BLE001 - no answer (an old torch, a tracing backend): compute it
+        return True
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """Input gradient of a convolution, ``conv_transpose2d(g, w)``, as an autograd node whose own
+    backward uses :func:`conv2d_weight_grad` for ``∂/∂w`` (a student's explanation is
+    differentiated through it once more) and a plain convolution for ``∂/∂g``."""
+
+    @staticmethod
+    def forward(ctx, g, weight, input_shape, stride, padding):
+        ctx.save_for_backward(g, weight)
+        ctx.geometry = (stride, padding)
+        kh, kw = weight.shape[-2:]
+        full = [(g.shape[-2 + i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i] for i in range(2)]
+        extra = tuple(input_shape[-2 + i] - full[i] for i in range(2))
+        return F.conv_transpose2d(g, weight, None, stride, padding, extra)
+
+    @staticmethod
+    def backward(ctx, u):
+        g, weight = ctx.saved_tensors
+        stride, padding = ctx.geometry
+        gg = F.conv2d(u, weight, None, stride, padding) if _needed(ctx, 0) else None
+        gw = conv2d_weight_grad(u, g, weight.shape, stride, padding) if _needed(ctx, 1) else None
+        return gg, gw, None, None, None
+
+
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d(x, w)`` (no bias, groups 1, dilation 1) whose backward is built from operations
+    chosen for a trained B-cos weight, so that the second-order pass of a student's explanation
+    stays cheap.
+
+    The input gradient is :class:`_ConvInputGrad`. When it is taken with ``create_graph=True``
+    (a student's explanation), its own backward is a convolution for ``∂/∂g`` and a weight
+    gradient for ``∂/∂w``. Through the native convolution the same second-order pass goes to
+    ``_convolution_double_backward``, which on CUDA forms the weight term as a convolution over
+    the batch with an output-sized kernel (dilated by the stride): 9-18 ms a call for a batch of
+    128 at 224 px on an H100. The live B-cos e²KD step (B-cos ResNet-34 -> ResNet-18, bf16)
+    went from 175 to 112 ms with this function (``python -m benchmarks.bcos_conv``). Weight
+    gradients go through :func:`conv2d_weight_grad`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding)
+        return F.conv2d(x, weight, None, stride, padding)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.geometry
+        gx = gw = None
+        if _needed(ctx, 0):
+            w = weight.to(g.dtype)  # under autocast the forward ran in the gradient's dtype
+            gx = _ConvInputGrad.apply(g, w, tuple(x.shape), stride, padding).to(x.dtype)
+        if _needed(ctx, 1):
+            gw = conv2d_weight_grad(x.to(g.dtype), g, weight.shape, stride, padding).to(weight.dtype)
+        return gx, gw, None, None
+
+
+def small_output_on_cpu(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
+    """Whether a convolution of ``x`` runs on the CPU with at most
+    ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` output pixels (where :class:`_Conv2d` is the faster path)."""
+    return x.device.type == "cpu" and (
+        _output_pixels(x.shape[-2:], weight.shape[-2:], stride, padding) <= _MATMUL_WEIGHT_GRAD_MAX_PIXELS
+    )
+
+
+class FastSmallConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that trains through :class:`_Conv2d` on the CPU where its output has at most
+    ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels (its weight gradient is then a matrix product,
+    2-13x faster than oneDNN's); the native convolution everywhere else. Same parameters and
+    state-dict keys as ``nn.Conv2d``."""
+
+    def _conv_forward(self, input, weight, bias):
+        if (
+            torch.is_grad_enabled()
+            and weight.requires_grad
+            and isinstance(self.padding, tuple)
+            and small_output_on_cpu(input, weight, self.stride, self.padding)
+        ):
+            out = _Conv2d.apply(input, weight, tuple(self.stride), tuple(self.padding))
+            return out if bias is None else out + bias.view(1, -1, 1, 1)
+        return super()._conv_forward(input, weight, bias)
+
+
+def use_fast_small_convs(model: nn.Module) -> nn.Module:
+    """Give every plain ``nn.Conv2d`` of ``model`` that :class:`_Conv2d` can represent (groups 1,
+    dilation 1, zero padding) the behaviour of :class:`FastSmallConv2d`, in place; returns
+    ``model``. Values, gradients and state dict are unchanged; only CPU training steps with
+    tiny feature maps (an ImageNet-stem ResNet's last stage at 64 px) get faster."""
+    for m in model.modules():
+        if (
+            type(m) is nn.Conv2d
+            and m.groups == 1
+            and m.dilation == (1, 1)
+            and m.padding_mode == "zeros"
+            and isinstance(m.padding, tuple)
+        ):
+            m.__class__ = FastSmallConv2d
+    return model
