@@ -4,8 +4,9 @@
 
 For 3 x 3 convolutions (stride 1, padding 1) with C -> C channels and an H x H output, times,
 side by side in one process, ``torch.nn.grad.conv2d_weight`` (oneDNN on the CPU) and the same
-sum computed as one matrix product of the output gradient with the unfolded input patches (what
-:func:`e2kd._conv.conv2d_weight_grad` does for outputs of at most 4 pixels on the CPU),
+sum computed as one matrix product of the output gradient with the unfolded input patches
+(:func:`e2kd._conv.matmul_weight_grad`, what :func:`e2kd._conv.conv2d_weight_grad` uses for
+outputs of at most 4 pixels on the CPU),
 checks that both agree, and prints the ratio native / matrix product (> 1: the matrix product
 is faster).
 
@@ -23,13 +24,8 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-
-def _matmul_weight_grad(x, g, weight_shape):
-    patches = F.unfold(x, tuple(weight_shape[-2:]), padding=1)
-    cols = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    return (g.flatten(2).transpose(0, 1).reshape(weight_shape[0], -1) @ cols).view(weight_shape)
+from e2kd._conv import matmul_weight_grad
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -67,12 +63,12 @@ def main(argv=None) -> int:
             g = torch.randn(args.batch, c, s, s, generator=gen)
             shape = (c, c, 3, 3)
             ref = torch.nn.grad.conv2d_weight(x, shape, g, 1, 1)
-            mine = _matmul_weight_grad(x, g, shape)
+            mine = matmul_weight_grad(x, g, shape, (1, 1), (1, 1))
             err = (mine - ref).abs().max().item() / ref.abs().max().item()
             if err > 1e-4:
                 raise SystemExit(f"matrix-product weight gradient differs from the native one by {err:.2e} (C={c}, {s}x{s})")
             native = _median_ms(lambda: torch.nn.grad.conv2d_weight(x, shape, g, 1, 1), args.repeats)
-            matmul = _median_ms(lambda: _matmul_weight_grad(x, g, shape), args.repeats)
+            matmul = _median_ms(lambda: matmul_weight_grad(x, g, shape, (1, 1), (1, 1)), args.repeats)
             cells.append(f"{native:.2f} / {matmul:.2f} = {native / matmul:.2f}")
         print(f"| {c} | " + " | ".join(cells) + " |")
     if args.steps:

@@ -195,7 +195,7 @@ def test_conv_weight_grad_matches_the_native_kernel(n, c, o, k, stride, padding,
     """The matrix-product weight gradient (outputs of at most 4 pixels on the CPU) equals the
     native one, for strides, paddings, 1 x 1 kernels and non-square inputs; larger outputs take
     the native kernel itself."""
-    from e2kd.bcos.layers import conv2d_weight_grad
+    from e2kd._conv import conv2d_weight_grad
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, *size, generator=g, dtype=torch.float64)

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["conv2d_weight_grad", "use_fast_small_convs"]
+__all__ = ["conv2d_weight_grad", "matmul_weight_grad", "use_fast_small_convs"]
 
 
 # On the CPU, oneDNN's weight gradient of a 3 x 3 convolution whose output has only a few pixels
-# (the last stage of an ImageNet-stem ResNet at 64 px: 2 x 2) is 2-6x slower than the same sum
+# (the last stage of an ImageNet-stem ResNet at 64 px: 2 x 2) is 1.3-13x slower than the same sum
 # written as one matrix product over unfolded patches (``python -m benchmarks.conv_weight_grad``);
 # from about 3 x 3 output pixels on, oneDNN is as fast or faster.
 _MATMUL_WEIGHT_GRAD_MAX_PIXELS = 4
@@ -42,12 +42,17 @@ def conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, p
     one matrix product of ``g`` with the unfolded input patches; elsewhere by the native kernel.
     Differentiable in ``x`` and ``g`` either way.
     """
-    n_out, pixels = g.shape[1], g.shape[-2] * g.shape[-1]
-    if x.device.type != "cpu" or pixels > _MATMUL_WEIGHT_GRAD_MAX_PIXELS:
+    if x.device.type != "cpu" or g.shape[-2] * g.shape[-1] > _MATMUL_WEIGHT_GRAD_MAX_PIXELS:
         return torch.nn.grad.conv2d_weight(x, weight_shape, g, stride, padding)
+    return matmul_weight_grad(x, g, weight_shape, stride, padding)
+
+
+def matmul_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, padding) -> torch.Tensor:
+    """The sum of :func:`conv2d_weight_grad` as one matrix product of ``g`` with the unfolded
+    input patches, on any device and output size."""
     patches = F.unfold(x, tuple(weight_shape[-2:]), padding=padding, stride=stride)  # (N, C·kh·kw, P)
     cols = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·P, C·kh·kw)
-    rows = g.flatten(2).transpose(0, 1).reshape(n_out, -1)  # (O, N·P), same (n, p) order
+    rows = g.flatten(2).transpose(0, 1).reshape(weight_shape[0], -1)  # (O, N·P), same (n, p) order
     return (rows @ cols).view(weight_shape)
 
 

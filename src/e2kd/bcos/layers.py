@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _conv
-from .._conv import _MATMUL_WEIGHT_GRAD_MAX_PIXELS, _Conv2d, _ConvInputGrad, _needed, _output_pixels, conv2d_weight_grad  # noqa: F401
+from .._conv import _Conv2d
 from .mode import DynamicLinearModule, _bcos_factor, attend, bcos_scale, scale_affine
 
 __all__ = [
@@ -110,7 +110,7 @@ def _row_norms(w: torch.Tensor) -> torch.Tensor:
 
 
 class _UnitRows(torch.autograd.Function):
-    r"""``u = w / ‖w‖`` row by row (all dimensions but the first), with its backward in two fused
+    r"""``u = w / ‖w‖`` row by row (all dimensions but the first), with its backward in three
     passes instead of autograd's generic division and norm nodes (a fifth of a B-cos ResNet-18
     KD step on the CPU went there):
 
@@ -409,10 +409,7 @@ class BatchNormUncentred2d(nn.BatchNorm2d, DynamicLinearModule):
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        if self.explanation_mode:
-            with torch.no_grad():
-                var = batch_variance(x)
-        else:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.explanation_mode):
             var = batch_variance(x)
         with torch.no_grad():
             self.running_var.mul_(1 - momentum).add_(var.detach(), alpha=momentum)
