@@ -51,6 +51,7 @@ import torch
 import e2kd
 from e2kd.models import create_model
 from e2kd.train.config import OptimConfig, OptimizerName
+from e2kd.train.heap import DEFAULT_TOP_PAD_MIB, set_malloc_top_pad
 from e2kd.train.optim import build_optimizer
 
 PAIRS = {
@@ -201,17 +202,20 @@ def run_pair(pair: str, args) -> dict:
     _restart_cycles(variants)
     times = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
+    faults = {name: [] for name in variants}
     peaks = {}
     for _ in range(steps):
         for name, v in variants.items():  # interleaved: A B C A B C ...
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             sync(args.device)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0, c0 = time.perf_counter(), time.process_time()
             v(x)
             sync(args.device)
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             if args.device.startswith("cuda"):
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
     rows = {}
@@ -222,6 +226,7 @@ def run_pair(pair: str, args) -> dict:
             mean_ms=1000 * statistics.fmean(times[name]),
             cpu_ms=1000 * statistics.median(cpu[name]),
             cpu_mean_ms=1000 * statistics.fmean(cpu[name]),
+            page_faults=statistics.median(faults[name]),
             images_per_s=args.batch / med,
             saved_mib=memory[name] / 2**20,
             peak_mib=peaks.get(name, 0) / 2**20,
@@ -274,6 +279,7 @@ def child_rss(pair: str, variant: str, args) -> float:
         "--warmup", "0", "--size", str(args.size), "--batch", str(args.batch), "--threads", str(args.threads),
         "--classes", str(args.classes), "--device", args.device, "--rss-child",
         "--teacher", PAIRS[pair][0], "--student", PAIRS[pair][1],
+        "--malloc-top-pad", str(-1 if args.malloc_top_pad is None else args.malloc_top_pad),
     ]
     if args.channels_last:
         cmd.append("--channels-last")
@@ -318,8 +324,17 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the student where it works")
     p.add_argument("--rss", action="store_true", help="also measure each variant's peak RSS in a fresh subprocess")
     p.add_argument("--json", help="write all figures to this JSON file")
+    p.add_argument("--malloc-top-pad", type=int, default=DEFAULT_TOP_PAD_MIB,
+                   help="glibc M_TOP_PAD in MiB, as the trainer sets it (e2kd.train.heap); -1: leave the C library's setting")
     p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.malloc_top_pad >= 0:
+        try:
+            args.malloc_top_pad = args.malloc_top_pad if set_malloc_top_pad(args.malloc_top_pad) else None
+        except ValueError as err:
+            p.error(str(err))
+    else:
+        args.malloc_top_pad = None
     if (args.teacher or args.student) and args.pair == "all":
         p.error("--teacher/--student override one pair: give --pair too")
     if args.pair != "all":
@@ -345,10 +360,11 @@ def main(argv=None) -> int:
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
           + f", threads {torch.get_num_threads()}, {args.size} px, batch {args.batch}, "
           f"{args.steps} interleaved steps after {args.warmup} warm-up, amp {args.amp}, "
-          f"channels-last {args.channels_last}, compile {args.compile}")
+          f"channels-last {args.channels_last}, compile {args.compile}, malloc top pad {args.malloc_top_pad} MiB")
     print("| pair | variant | median step (ms) | mean step (ms) | images/s | saved for backward (MiB) | peak memory (MiB) "
-          "| ratio to KD (wall) | paired ratio to KD (wall) | median CPU time (ms) | ratio to KD (CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio to KD (wall) | paired ratio to KD (wall) | median CPU time (ms) | ratio to KD (CPU) "
+          "| page faults / step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     report = {"argv": sys.argv, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}, "pairs": {}}
     for pair in pairs:
         rows = run_pair(pair, args)
@@ -368,7 +384,7 @@ def main(argv=None) -> int:
             print(f"| {pair} | {name}{tag} | {r['median_ms']:.0f} | {r['mean_ms']:.0f} | {r['images_per_s']:.1f} | "
                   f"{r['saved_mib']:.0f} | {peak:.0f} | {r.get('ratio_wall', float('nan')):.2f} | "
                   f"{r.get('paired_ratio', float('nan')):.2f} | {r['cpu_ms']:.0f} | "
-                  f"{r.get('ratio_cpu', float('nan')):.2f} |", flush=True)
+                  f"{r.get('ratio_cpu', float('nan')):.2f} | {r['page_faults']:.0f} |", flush=True)
         if kd and "e2kd" in rows and "every4" in rows:
             for key, label in (("mean_ms", "wall"), ("cpu_mean_ms", "CPU")):
                 expect = (3 * kd[key] + rows["e2kd"][key]) / 4

@@ -283,6 +283,11 @@ def test_step_benchmark_measures_per_variant_rss_on_cpu(tmp_path):
     assert set(rows) == {"kd", "frozen"}
     assert all(r["rss_mib"] > 0 for r in rows.values())
     assert rows["kd"]["ratio_wall"] == 1.0
+    assert all(r["page_faults"] >= 0 for r in rows.values())
+    from e2kd.train.heap import glibc_malloc
+
+    # the trainer's heap padding, also in the subprocesses that measure RSS
+    assert "malloc top pad " + ("1024" if glibc_malloc() is not None else "None") + " MiB" in res.stdout
 
 
 def test_gpu_script_parses():
@@ -371,3 +376,20 @@ def test_conv_weight_grad_benchmark_runs_and_checks_agreement():
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
     assert len(rows) == 2 and all(row.count("=") == 3 for row in rows), res.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_heap_benchmark_runs_every_setting():
+    from e2kd.train.heap import glibc_malloc
+
+    if glibc_malloc() is None:
+        pytest.skip("needs glibc's malloc")
+    cmd = [sys.executable, "-m", "benchmarks.heap", "--pair", "gradcam", "--teacher", "resnet8_small", "--student",
+           "resnet8_small", "--variants", "kd,e2kd", "--size", "32", "--batch", "2", "--steps", "2", "--threads", "1",
+           "--classes", "4", "--pads", "0,64"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| gradcam |")]
+    assert [(r[1].strip(), int(r[2])) for r in rows] == [("kd", 0), ("kd", 64), ("e2kd", 0), ("e2kd", 64)]
+    assert [float(r[5]) for r in rows if int(r[2]) == 0] == [1.0, 1.0]  # the reference setting against itself
+    assert "M_TOP_PAD 64 MiB: paired ratio to KD: e2kd" in res.stdout

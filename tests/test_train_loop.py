@@ -37,6 +37,10 @@ def test_teacher_run_folder(teacher_dir):
     assert res["num_images"] == 32 and 0.0 <= res["accuracy"] <= 1.0 and res["top5"] == 1.0  # 4 classes: top-5 is trivial
     env = json.loads((teacher_dir / "env.json").read_text())
     assert env["packages"]["torch"] and env["data"]["datasets"]["train"]["n"] == 64
+    # the default heap padding is applied where the C library is glibc, and recorded
+    from e2kd.train.heap import glibc_malloc
+
+    assert env["malloc_top_pad_mib"] == (1024 if glibc_malloc() is not None else None)
     recs = read_metrics(teacher_dir / "metrics.jsonl")
     train = [r for r in recs if r["split"] == "train"]
     assert [r["step"] for r in train] == [2, 4, 6, 8]  # 64 images / batch 16 = 4 steps per epoch, 2 epochs

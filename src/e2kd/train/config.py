@@ -202,6 +202,8 @@ class ExperimentConfig:
     eval_batch_size: Optional[int] = None
     progress: bool = True
     tensorboard: bool = False
+    # glibc malloc: MiB of freed memory the heap keeps between steps (e2kd.train.heap); null: leave it as it is
+    malloc_top_pad_mib: Optional[int] = 1024
 
 
 def _valid_keys(node: Any) -> List[str]:
@@ -341,6 +343,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         (cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}"),
         (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
         (cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}"),
+        (cfg.malloc_top_pad_mib is None or 0 <= cfg.malloc_top_pad_mib <= 2047,
+         f"malloc_top_pad_mib must be between 0 and 2047 (MiB) or null, got {cfg.malloc_top_pad_mib}"),
         (cfg.data.shots is None or cfg.data.shots >= 1, f"data.shots must be >= 1, got {cfg.data.shots}"),
         (cfg.data.val_per_class >= 0, f"data.val_per_class must be >= 0, got {cfg.data.val_per_class}"),
         (cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit must be >= 1, got {cfg.data.limit}"),

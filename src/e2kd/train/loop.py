@@ -42,6 +42,7 @@ from .config import Amp, ExperimentConfig, config_from_dict, save_config, to_dic
 from .distributed import DistInfo, all_reduce_sum, broadcast_flag, init_distributed, shutdown
 from .evaluate import evaluate
 from .optim import WarmupCosine, adaptive_grad_clip_, build_optimizer, grad_norm
+from .heap import set_malloc_top_pad
 from .runfolder import MetricsLog, atomic_write_json, environment_record, remove_stale_temp_files
 
 __all__ = ["run", "NonFiniteLossError", "RunContext"]
@@ -256,6 +257,7 @@ def run(cfg: ExperimentConfig, *, mode: str, callbacks: Sequence[object] = ()) -
 def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[object]) -> Path:
     t_start = time.time()
     _seed_everything(cfg.seed, cfg.deterministic)
+    heap_pad = cfg.malloc_top_pad_mib if cfg.malloc_top_pad_mib is not None and set_malloc_top_pad(cfg.malloc_top_pad_mib) else None
     device = info.device
     amp_dtype = _amp_dtype(cfg, device)
     run_dir = Path(cfg.output_dir) / cfg.name
@@ -414,7 +416,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             run_dir / "env.json",
             environment_record(
                 data={"sampling": sampling, "datasets": hashes},
-                extra={"world_size": info.world_size, "mode": mode, "resumed_from": str(resume_from) if resume_from else None,
+                extra={"world_size": info.world_size, "mode": mode, "malloc_top_pad_mib": heap_pad, "resumed_from": str(resume_from) if resume_from else None,
                    "frozen_store": frozen.record() if frozen is not None else None},
             ),
         )
