@@ -164,3 +164,41 @@ def test_reset_head_loads_a_backbone_for_another_label_set(tmp_path):
     load_weights(dst, tmp_path / "in1k.safetensors", reset_head=True)
     assert torch.equal(dst.features[0].weight, src.features[0].weight)
     assert torch.equal(dst.fc.weight, head)  # the new head keeps its initialisation
+
+
+@pytest.fixture()
+def fast_compile(monkeypatch):
+    """torch.compile through AOTAutograd without generating C++ (the same autograd limits, no
+    compiler run): the trainer's ``torch.compile(net)`` goes here."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="aot_eager", **kw))
+    yield
+    torch._dynamo.reset()
+
+
+def _bcos_distill(tmp_path, lam):
+    from e2kd.train.build import build_model, save_model
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "bcos_teacher"
+    save_model(teacher / "model.safetensors", build_model("tiny_bcos_test_net", {"width": 8}, num_classes=4, in_chans=3))
+    return _distill(tmp_path, **{
+        "model.name": "tiny_bcos_test_net", "model.kwargs": {"width": 8}, "teacher.name": "tiny_bcos_test_net",
+        "teacher.kwargs": {"width": 8}, "teacher.checkpoint": str(teacher), "distill.explainer": "bcos",
+        "distill.lam": lam, "eval.localisation": False, "compile": True, "optim.max_steps": 2,
+    })
+
+
+def test_compiled_bcos_e2kd_step_names_the_setting(tmp_path, fast_compile):
+    """torch.compile cannot differentiate a compiled graph twice: the B-cos explanation term's
+    first step fails with an error that names compile=true, and nothing is saved."""
+    with pytest.raises(ValueError, match=r"compile=true: the e²KD step \(explainer 'bcos', distill.lam=1.0\)") as info:
+        run(_bcos_distill(tmp_path, 1.0), mode="distill")
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error is kept as the cause
+    assert not (tmp_path / "s" / "checkpoints").exists()
+
+
+def test_compiled_bcos_kd_trains(tmp_path, fast_compile):
+    """The same student compiles for plain KD (lam=0: first-order only)."""
+    out = run(_bcos_distill(tmp_path, 0.0), mode="distill")
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"][-1] == 2

@@ -507,11 +507,14 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
                     )
                 data_time += time.time() - td
                 sync = net.no_sync() if info.enabled and micro < accum - 1 else nullcontext()
+                explains = distiller is not None and distiller.explains_this_step()
                 with sync:
-                    out = forward_loss(batch)
+                    with _compiled_explanation(cfg, explains):
+                        out = forward_loss(batch)
                     _check_finite(out, step, info, last_ckpt)
                     loss = out["loss"] / accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    with _compiled_explanation(cfg, explains):
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
                 for k, v in out.items():
                     if k != "loss":
                         step_terms[k] = step_terms.get(k, 0.0) + float(v) / accum
@@ -663,6 +666,25 @@ _TERM_NAMES = {
     "cls_loss": "the cross-entropy on labels",
     "guidance_loss": "the guidance term",
 }
+
+
+@contextmanager
+def _compiled_explanation(cfg: ExperimentConfig, explains: bool):
+    """With ``compile=true``, a step that computes the explanation term and fails inside torch
+    raises a ValueError that names the setting: torch.compile (torch 2.14) cannot take the
+    second-order gradient of a compiled graph, which the student's explanation needs wherever it
+    runs through the compiled network (B-cos, input gradients)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (cfg.compile and explains):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"compile=true: the e²KD step (explainer {cfg.distill.explainer!r}, distill.lam={cfg.distill.lam}) failed "
+            f"inside the compiled student, most likely because torch.compile cannot differentiate the explanation "
+            f"a second time; torch said: {first}. Set compile=false (plain KD, distill.lam=0, compiles)"
+        ) from err
 
 
 def _check_finite(out: Dict[str, torch.Tensor], step: int, info: DistInfo, last_ckpt: Optional[Path]) -> None:
