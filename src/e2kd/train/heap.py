@@ -4,9 +4,10 @@ A CPU training step allocates its activations, saved tensors and gradients and f
 at the end. glibc's malloc then returns the freed top of its heap to the operating system as
 soon as it exceeds the trim threshold (at most 64 MiB), and the next step takes the same
 memory back page by page: every 4 KiB page is a page fault and is zeroed by the kernel before
-PyTorch writes it. A live B-cos e²KD step of the ResNet-34 -> ResNet-18 pair at 64 px and batch
-16 took about 70,000 such faults (280 MiB) a step; KD about none, because its transient
-memory stays below the threshold. ``mallopt(M_TOP_PAD, n)`` lets the heap keep ``n`` bytes of
+PyTorch writes it. Whether the top is trimmed depends on the order of allocations (a live
+block above the freed ones pins them): the KD and e²KD steps of ResNet-34 -> ResNet-18 at 64 px
+and batch 32 took 3,500-6,400 faults each, the B-cos pair's benchmark steps none (``python -m
+benchmarks.heap`` compares settings side by side). ``mallopt(M_TOP_PAD, n)`` lets the heap keep ``n`` bytes of
 free space at its top when it trims (and ask for as much extra when it grows), so the memory
 of one step is reused by the next (docs/results/perf.md has the measurements).
 
