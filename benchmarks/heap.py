@@ -24,7 +24,9 @@ import torch
 
 from e2kd.train.heap import glibc_malloc, set_malloc_top_pad
 
-from .step import EVERY, PAIRS, VARIANTS, Variant, add_step_args, build_teacher, make_input, override_pair, paired_ratio, sync
+from .step import (
+    EVERY, PAIRS, VARIANTS, Variant, add_step_args, build_teacher, check_pair_and_variants, make_input, paired_ratio, sync,
+)
 
 
 def minor_faults() -> int:
@@ -43,9 +45,7 @@ def run_pair(pair: str, args) -> dict:
         for pad in args.pads if r % 2 == 0 else args.pads[::-1]:
             set_malloc_top_pad(pad)
             for name, v in variants.items():
-                v.distiller.calls = 0  # explain-every variants: time an explaining step
                 v(x)  # untimed: the heap settles into this setting
-                v.distiller.calls = 0
                 sync(args.device)
                 f0, t0 = minor_faults(), time.perf_counter()
                 v(x)
@@ -64,14 +64,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if glibc_malloc() is None:
         p.error("this benchmark needs glibc's malloc (Linux with glibc)")
-    if (args.teacher or args.student) and args.pair == "all":
-        p.error("--teacher/--student override one pair: give --pair too")
-    if args.pair != "all":
-        override_pair(args, args.pair)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variants if v not in VARIANTS]
-    if bad or not args.variants:
-        p.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+    check_pair_and_variants(p, args)
     if any(v in EVERY for v in args.variants):
         p.error(f"variants {sorted(EVERY)} explain on some steps only; time them with benchmarks.step")
     try:
@@ -80,8 +73,6 @@ def main(argv=None) -> int:
         p.error(f"--pads must be whole numbers of MiB, got {args.pads!r}")
     if len(args.pads) < 2 or len(set(args.pads)) != len(args.pads) or min(args.pads) < 0:
         p.error("--pads needs at least two different settings >= 0")
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
     args.compile = False
     torch.set_num_threads(args.threads)
     pairs = ["gradcam", "bcos"] if args.pair == "all" else [args.pair]

@@ -315,6 +315,21 @@ def override_pair(args, pair: str) -> None:
         PAIRS[pair] = (args.teacher or t, args.student or s_, e)
 
 
+def check_pair_and_variants(p: argparse.ArgumentParser, args) -> None:
+    """Validate ``--pair``, ``--teacher``/``--student``, ``--variants`` (turned into a list) and
+    ``--steps``, applying the model overrides (shared by the benchmarks built on this one)."""
+    if (args.teacher or args.student) and args.pair == "all":
+        p.error("--teacher/--student override one pair: give --pair too")
+    if args.pair != "all":
+        override_pair(args, args.pair)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or not args.variants:
+        p.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=[*PAIRS, "all"], default="all")
@@ -335,18 +350,9 @@ def main(argv=None) -> int:
             p.error(str(err))
     else:
         args.malloc_top_pad = None
-    if (args.teacher or args.student) and args.pair == "all":
-        p.error("--teacher/--student override one pair: give --pair too")
-    if args.pair != "all":
-        override_pair(args, args.pair)
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
+    check_pair_and_variants(p, args)
     if args.size < 32 or args.batch < 1:
         p.error("--size must be >= 32 and --batch >= 1")
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variants if v not in VARIANTS]
-    if bad or not args.variants:
-        p.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but torch sees no CUDA device")
     torch.set_num_threads(args.threads)
