@@ -14,8 +14,12 @@ ResNet-18 with the B-cos layers' operations run several ways (``--modes``):
   ``_convolution_double_backward``, its weight gradients through oneDNN / cuDNN);
 * ``cheap``: :class:`e2kd.bcos.layers._Conv2d` everywhere (transposed convolution for the input
   gradient, :func:`e2kd._conv.conv2d_weight_grad` for the weight gradients);
-* ``default``: what the B-cos layers do now (``cheap`` on CUDA; on the CPU ``cheap`` only for
-  convolutions with at most 4 output pixels; fused unit-norm backward; native batch statistics).
+* ``first_order``: the dispatch of 2026-11-27 (``cheap`` on CUDA; on the CPU ``cheap`` only for
+  convolutions with at most 4 output pixels, whether or not the step differentiates an
+  explanation; fused unit-norm backward; native batch statistics);
+* ``default``: what the B-cos layers do now: ``first_order``, and ``cheap`` for every trained
+  convolution of a student whose explanation is differentiated
+  (:func:`e2kd._conv.expect_second_order`).
 
 Prints median step times, and for each row the paired ratio (median over rounds of this step /
 the same round's step) to the KD step of ``default`` and to the same step of the first mode.
@@ -35,9 +39,11 @@ import torch
 from e2kd import _conv
 from e2kd.bcos import layers
 
-from .step import PAIRS, Variant, add_step_args, build_teacher, make_input, override_pair, paired_ratio, sync
+from .step import (
+    PAIRS, Variant, add_heap_arg, add_step_args, apply_heap_arg, build_teacher, make_input, override_pair, paired_ratio, sync,
+)
 
-MODES = ("previous", "native", "cheap", "default")
+MODES = ("previous", "native", "cheap", "first_order", "default")
 
 
 class _AutogradUnitRows:
@@ -51,7 +57,7 @@ class _AutogradUnitRows:
 @contextlib.contextmanager
 def mode(name: str):
     """Patch the B-cos layers' operations for one configuration (restored on exit)."""
-    saved = (layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed)
+    saved = (layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed, _conv.second_order_expected)
     dispatch = saved[0]
     try:
         if name == "previous":
@@ -61,16 +67,20 @@ def mode(name: str):
             _conv._needed = lambda ctx, i: ctx.needs_input_grad[i]
         elif name in ("native", "cheap"):
             layers.conv2d = partial(dispatch, cheap=name == "cheap")
+        elif name == "first_order":
+            _conv.second_order_expected = lambda: False
         yield
     finally:
-        layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed = saved
+        layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed, _conv.second_order_expected = saved
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_args(p, steps=6)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    add_heap_arg(p)
     args = p.parse_args(argv)
+    apply_heap_arg(p, args)
     args.compile = False
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = sorted(set(modes) - set(MODES))
@@ -96,7 +106,7 @@ def main(argv=None) -> int:
                 times[row].append(time.perf_counter() - t)
     print(f"# {PAIRS['bcos'][0]} -> {PAIRS['bcos'][1]}, {args.size} px, batch {args.batch}, amp {args.amp}, "
           f"channels-last {args.channels_last}, threads {args.threads}, device {args.device}, "
-          f"{args.steps} interleaved rounds")
+          f"{args.steps} interleaved rounds, malloc top pad {args.malloc_top_pad} MiB")
     print(f"| step | B-cos operations | median step (ms) | paired ratio to KD (default) | paired ratio to {modes[0]} |")
     print("|---|---|---:|---:|---:|")
     ref = times[("kd", "default")]

@@ -104,7 +104,7 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 out = frozen_forward(m, fb) if m.teacher is None else m(lb)
                 opts[name].zero_grad(set_to_none=True)
-                out["loss"].backward()
+                out["loss"].backward(inputs=list(m.student.parameters()))  # as the trainer
                 opts[name].step()
                 if step >= args.warmup:
                     times[name].append(time.perf_counter() - t0)

@@ -17,7 +17,9 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .step import PAIRS, VARIANTS, Variant, add_step_args, build_teacher, make_input, override_pair, sync
+from .step import (
+    PAIRS, VARIANTS, Variant, add_heap_arg, add_step_args, apply_heap_arg, build_teacher, make_input, override_pair, sync,
+)
 
 
 def main(argv=None) -> int:
@@ -28,7 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top", type=int, default=25, help="operators shown per variant")
     p.add_argument("--shapes", action="store_true", help="one row per operator and input shapes")
+    add_heap_arg(p)
     args = p.parse_args(argv)
+    apply_heap_arg(p, args)
     override_pair(args, args.pair)
     args.compile = False
     variants = [v for v in args.variants.split(",") if v]
@@ -44,7 +48,8 @@ def main(argv=None) -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     print(f"# {args.pair}: {PAIRS[args.pair][0]} -> {PAIRS[args.pair][1]} ({PAIRS[args.pair][2]}), "
           f"{args.size} px, batch {args.batch}, amp {args.amp}, channels-last {args.channels_last}, "
-          f"{args.steps} profiled steps after {args.warmup} warm-up, device {args.device}")
+          f"{args.steps} profiled steps after {args.warmup} warm-up, device {args.device}, "
+          f"malloc top pad {args.malloc_top_pad} MiB")
     for name in variants:
         step = Variant(name, teacher, args.pair, args)
         for _ in range(args.warmup):

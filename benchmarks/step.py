@@ -89,6 +89,7 @@ class Variant:
         self.teacher = teacher
         # the trainer's optimiser (fused Adam on CPU and CUDA)
         self.opt = build_optimizer(student.parameters(), OptimConfig(name=OptimizerName.adam, lr=1e-4))
+        self.params = [p for p in student.parameters() if p.requires_grad]
         self.eager_student = student
         if args.compile:
             self.distiller.student = torch.compile(student)
@@ -116,7 +117,7 @@ class Variant:
                 out = self.distiller(x, teacher_logits=self.stored[0], teacher_maps=self.stored[1])
             else:
                 out = self.distiller(x)
-        out["loss"].backward()
+        out["loss"].backward(inputs=self.params)  # as the trainer: no gradient for the explained input
         self.opt.step()
 
     def first_step(self, x: torch.Tensor) -> None:
@@ -308,6 +309,25 @@ def add_step_args(p: argparse.ArgumentParser, *, steps: int) -> None:
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast dtype (bf16 on GPU)")
 
 
+def add_heap_arg(p: argparse.ArgumentParser) -> None:
+    """``--malloc-top-pad``: glibc's heap padding, set as the trainer sets it (shared by the
+    benchmarks built on this one; apply with :func:`apply_heap_arg`)."""
+    p.add_argument("--malloc-top-pad", type=int, default=DEFAULT_TOP_PAD_MIB,
+                   help="glibc M_TOP_PAD in MiB, as the trainer sets it (e2kd.train.heap); -1: leave the C library's setting")
+
+
+def apply_heap_arg(p: argparse.ArgumentParser, args) -> None:
+    """Set the heap padding of ``--malloc-top-pad``; ``args.malloc_top_pad`` becomes the MiB set,
+    or None where nothing was set (-1, or not glibc)."""
+    if args.malloc_top_pad >= 0:
+        try:
+            args.malloc_top_pad = args.malloc_top_pad if set_malloc_top_pad(args.malloc_top_pad) else None
+        except ValueError as err:
+            p.error(str(err))
+    else:
+        args.malloc_top_pad = None
+
+
 def override_pair(args, pair: str) -> None:
     """Apply ``--teacher`` / ``--student`` to ``PAIRS[pair]``."""
     if args.teacher or args.student:
@@ -339,17 +359,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the student where it works")
     p.add_argument("--rss", action="store_true", help="also measure each variant's peak RSS in a fresh subprocess")
     p.add_argument("--json", help="write all figures to this JSON file")
-    p.add_argument("--malloc-top-pad", type=int, default=DEFAULT_TOP_PAD_MIB,
-                   help="glibc M_TOP_PAD in MiB, as the trainer sets it (e2kd.train.heap); -1: leave the C library's setting")
+    add_heap_arg(p)
     p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.malloc_top_pad >= 0:
-        try:
-            args.malloc_top_pad = args.malloc_top_pad if set_malloc_top_pad(args.malloc_top_pad) else None
-        except ValueError as err:
-            p.error(str(err))
-    else:
-        args.malloc_top_pad = None
+    apply_heap_arg(p, args)
     check_pair_and_variants(p, args)
     if args.size < 32 or args.batch < 1:
         p.error("--size must be >= 32 and --batch >= 1")

@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     student = create_model(args.student, num_classes=args.classes).to(args.device, memory_format=fmt)
     distiller = e2kd.Distiller(teacher, student, explainer=args.explainer, lam=args.lam).train()
     opt = build_optimizer(distiller.parameters(), OptimConfig(name=OptimizerName.sgd, lr=1e-3, momentum=0.9))
+    params = [p for p in distiller.parameters() if p.requires_grad]
     total = args.steps + args.warmup
     data = SyntheticImages(min(total * args.batch, 8 * args.batch), args.size, args.classes)
     loader = torch.utils.data.DataLoader(
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         with amp:
             out = distiller(images)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        out["loss"].backward(inputs=params)  # as the trainer: no gradient for the explained input
         opt.step()
         if cuda:
             torch.cuda.synchronize()

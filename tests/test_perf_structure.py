@@ -246,6 +246,79 @@ def test_bcos_student_explanation_backward_computes_input_gradients_only(cheap, 
     assert out.maps.requires_grad
 
 
+def _stem_shape(model):
+    return tuple(next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).weight.shape)
+
+
+@pytest.mark.parametrize("kind,explainer", [("bcos", "bcos"), ("gradcam", "gradient")])
+def test_backward_over_trained_parameters_skips_the_explained_inputs_gradient(kind, explainer):
+    """A student explained by its input gradient holds its input as a leaf that requires grad; a
+    plain ``backward()`` differentiates the loss with respect to it too (one more input gradient
+    of the first convolution), ``backward(inputs=parameters)`` — what the trainer calls — does not,
+    with the same parameter gradients."""
+    teacher, student, _ = _pair(kind)
+    assert _stem_shape(teacher) != _stem_shape(student)
+    x = torch.rand(4, 3, 16, 16)
+    params = [p for p in student.parameters() if p.requires_grad]
+    stem_input_grads, grads = {}, {}
+    for plain in (True, False):
+        out = e2kd.Distiller(teacher, student, explainer=explainer, lam=1.0)(x)
+        with ConvBackwardLog() as log:
+            out["loss"].backward(inputs=None if plain else params)
+        stem_input_grads[plain] = sum(mask[0] for mask, shape in log.events if shape == _stem_shape(student))
+        grads[plain] = [p.grad.clone() for p in params]
+        student.zero_grad(set_to_none=True)
+    assert stem_input_grads == {True: 1, False: 0}
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+class _CountingConv2d:
+    """Stands in for :class:`e2kd._conv._Conv2d` and records the weight shapes it is applied to."""
+
+    calls: list = []
+
+    @staticmethod
+    def apply(x, weight, stride, padding):
+        _CountingConv2d.calls.append(tuple(weight.shape))
+        return _conv._Conv2d.apply(x, weight, stride, padding)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_bcos_student_takes_the_second_order_convolution_only_when_explained(lam, monkeypatch):
+    """Trained B-cos convolutions go through :class:`_Conv2d` on the CPU only in a forward pass
+    whose backward is differentiated again (a student's explanation) or at <= 4 output pixels
+    (none at 32 px here); the teacher's frozen convolutions never."""
+    teacher, student, _ = _pair("bcos")
+    _CountingConv2d.calls = []
+    monkeypatch.setattr(bcos_layers, "_Conv2d", _CountingConv2d)
+    out = e2kd.Distiller(teacher, student, explainer="bcos", lam=lam)(torch.rand(4, 3, 32, 32))
+    out["loss"].backward()
+    student_convs = sorted(tuple(m.weight.shape) for m in student.modules() if isinstance(m, torch.nn.Conv2d))
+    assert sorted(_CountingConv2d.calls) == (student_convs if lam else [])
+
+
+@pytest.mark.parametrize("kind,explainer", [("bcos", "bcos"), ("gradcam", "gradient"), ("gradcam", "inputxgradient")])
+def test_second_order_convolutions_leave_loss_and_gradients_unchanged(kind, explainer, monkeypatch):
+    teacher, student, _ = _pair(kind)
+    x = torch.rand(4, 3, 32, 32)
+
+    def step():
+        out = e2kd.Distiller(teacher, student, explainer=explainer, lam=1.0)(x)
+        out["loss"].backward()
+        grads = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad(set_to_none=True)
+        return out["loss"].detach(), grads
+
+    fast = step()
+    monkeypatch.setattr(_conv, "second_order_expected", lambda: False)
+    native = step()
+    torch.testing.assert_close(fast[0], native[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast[1], native[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not _conv._SECOND_ORDER[0], "the hint must be off after the explanation's forward pass"
+
+
 def test_frozen_teacher_unit_weights_follow_weight_updates():
     teacher, _, _ = _pair("bcos")
     teacher.requires_grad_(False)

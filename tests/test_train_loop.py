@@ -151,15 +151,22 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, teacher_dir):
     assert not (tmp_path / "nan" / "results.json").exists()
 
 
-def test_bcos_pair_end_to_end(tmp_path):
+def test_bcos_pair_end_to_end(tmp_path, monkeypatch):
     """B-cos teacher → B-cos student with B-cos explanations (dynamic linear weights)."""
     teacher = run(config_from_dict(base_config(tmp_path, "bt", **{
         "model.name": "bcos_resnet8_small", "model.kwargs": {"width": 4}, "optim.max_steps": 1, "optim.agc_clip": 0.01,
         "data.image_size": 12, "data.eval_kwargs": {"num_samples": 8}})), mode="teacher")
+    # every training backward differentiates the trained parameters only, not the explained input
+    backward, calls = torch.Tensor.backward, []
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: calls.append(k.get("inputs")) or backward(self, *a, **k))
     student = run(config_from_dict(base_config(tmp_path, "bs", **{
         "model.name": "bcos_resnet8_small", "model.kwargs": {"width": 4}, "teacher.checkpoint": str(teacher),
         "distill.explainer": "bcos", "optim.max_steps": 2, "optim.agc_clip": 0.01,
         "data.image_size": 12, "data.eval_kwargs": {"num_samples": 8}, "log_every": 1})), mode="distill")
+    monkeypatch.undo()
+    from e2kd.models import create_model
+    n_trained = sum(1 for p in create_model("bcos_resnet8_small", num_classes=4, width=4).parameters() if p.requires_grad)
+    assert len(calls) == 2 and all(c is not None and len(c) == n_trained for c in calls), calls
     res = json.loads((student / "results.json").read_text())
     assert 0.0 <= res["agreement"] <= 1.0 and -1.0 <= res["explanation_similarity"] <= 1.0 + 1e-6
     log = [r for r in read_metrics(student / "metrics.jsonl") if r["split"] == "train"]

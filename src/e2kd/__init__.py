@@ -5,7 +5,7 @@ training loop::
 
     distiller = e2kd.Distiller(teacher, student, explainer="gradcam", lam=1.0, temperature=1.0)
     out = distiller(images)
-    out["loss"].backward()
+    out["loss"].backward()  # or backward(inputs=trained parameters): see Distiller
 """
 
 from . import explain as explainers

@@ -5,16 +5,31 @@ itself an autograd node (:class:`_ConvInputGrad`), so that a second-order pass t
 explanation term of e²KD) uses fast kernels, and with weight gradients from
 :func:`conv2d_weight_grad`, which on the CPU replaces oneDNN's slow kernel at tiny outputs by one
 matrix product. The B-cos layers use it for trained weights (:func:`e2kd.bcos.layers.conv2d`);
-:func:`use_fast_small_convs` gives ordinary ``nn.Conv2d`` modules the CPU part of it.
+:func:`use_fast_small_convs` gives ordinary ``nn.Conv2d`` modules the same choice.
+
+Which of the two a convolution takes depends on whether its backward will be differentiated
+again: an explainer that differentiates a student's input gradient runs the student's forward
+inside :func:`expect_second_order`, and there every trained convolution uses :class:`_Conv2d`
+(on the CPU its second-order pass is 0.7-1.0x the native one per layer, while a first-order
+step is 1.05-1.45x faster natively: ``python -m benchmarks.bcos_conv``).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["conv2d_weight_grad", "matmul_weight_grad", "use_fast_small_convs"]
+__all__ = [
+    "conv2d_weight_grad",
+    "expect_second_order",
+    "matmul_weight_grad",
+    "second_order_expected",
+    "use_fast_small_convs",
+]
 
 
 # On the CPU, oneDNN's weight gradient of a 3 x 3 convolution whose output has only a few pixels
@@ -22,6 +37,29 @@ __all__ = ["conv2d_weight_grad", "matmul_weight_grad", "use_fast_small_convs"]
 # written as one matrix product over unfolded patches (``python -m benchmarks.conv_weight_grad``);
 # from about 3 x 3 output pixels on, oneDNN is as fast or faster.
 _MATMUL_WEIGHT_GRAD_MAX_PIXELS = 4
+
+
+_SECOND_ORDER = [0]
+
+
+@contextmanager
+def expect_second_order() -> Iterator[None]:
+    """Forward passes inside this block build graphs whose backward will itself be
+    differentiated (a student's explanation taken with ``create_graph=True``): trained
+    convolutions then use :class:`_Conv2d`, whose second-order pass is cheaper than the native
+    ``_convolution_double_backward``. Values and gradients are the same either way; only speed
+    changes. Process-wide (like :func:`e2kd.bcos.mode.constant_factors_backward`), so forward
+    passes of other models must not run concurrently in other threads meanwhile."""
+    _SECOND_ORDER[0] += 1
+    try:
+        yield
+    finally:
+        _SECOND_ORDER[0] -= 1
+
+
+def second_order_expected() -> bool:
+    """Whether a forward pass running now is inside :func:`expect_second_order`."""
+    return _SECOND_ORDER[0] > 0
 
 
 def _output_pixels(size, kernel, stride, padding) -> int:
@@ -138,7 +176,8 @@ def small_output_on_cpu(x: torch.Tensor, weight: torch.Tensor, stride, padding) 
 
 
 class FastSmallConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that trains through :class:`_Conv2d` on the CPU where its output has at most
+    """``nn.Conv2d`` that trains through :class:`_Conv2d` inside :func:`expect_second_order`
+    (a student explained by its input gradient) and, on the CPU, where its output has at most
     ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels (its weight gradient is then a matrix product,
     2-13x faster than oneDNN's); the native convolution everywhere else. Same parameters and
     state-dict keys as ``nn.Conv2d``."""
@@ -148,7 +187,7 @@ class FastSmallConv2d(nn.Conv2d):
             torch.is_grad_enabled()
             and weight.requires_grad
             and isinstance(self.padding, tuple)
-            and small_output_on_cpu(input, weight, self.stride, self.padding)
+            and (second_order_expected() or small_output_on_cpu(input, weight, self.stride, self.padding))
         ):
             out = _Conv2d.apply(input, weight, tuple(self.stride), tuple(self.padding))
             return out if bias is None else out + bias.view(1, -1, 1, 1)
@@ -159,7 +198,8 @@ def use_fast_small_convs(model: nn.Module) -> nn.Module:
     """Give every plain ``nn.Conv2d`` of ``model`` that :class:`_Conv2d` can represent (groups 1,
     dilation 1, zero padding) the behaviour of :class:`FastSmallConv2d`, in place; returns
     ``model``. Values, gradients and state dict are unchanged; only CPU training steps with
-    tiny feature maps (an ImageNet-stem ResNet's last stage at 64 px) get faster."""
+    tiny feature maps (an ImageNet-stem ResNet's last stage at 64 px) and steps that
+    differentiate an input-gradient explanation get faster."""
     for m in model.modules():
         if (
             type(m) is nn.Conv2d

@@ -54,6 +54,12 @@ class Distiller(nn.Module):
     module sees the student alone; ``.to()``/``.cuda()`` still move both. The student may be
     wrapped in DistributedDataParallel: inside, the explanation gradient is taken with
     ``torch.autograd.grad(create_graph=True)``; call one ordinary ``loss.backward()`` outside.
+    With an explainer that differentiates the student's input (``"bcos"``, ``"gradient"``,
+    ``"inputxgradient"``) the input is a leaf that requires grad, and a plain ``backward()``
+    also computes the loss's gradient with respect to it, which no one uses;
+    ``loss.backward(inputs=[p for p in student.parameters() if p.requires_grad])`` gives the
+    same parameter gradients without it (the trainer does this; 6-8 % of a B-cos e²KD step on
+    the CPU, ``docs/results/perf.md``).
 
     Parameters
     ----------

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .._conv import expect_second_order
 from ..explain.base import Explainer, Explanation, check_logits, register_explainer, resolve_target, target_score, unwrap
 from .layers import InputEncoding
 from .mode import constant_factors_backward, explanation_mode
@@ -87,7 +88,8 @@ class BcosExplainer(Explainer):
         handle = encoding.register_forward_hook(hook)
         try:
             if create_graph:
-                logits = model(x)
+                with expect_second_order():
+                    logits = model(x)
             else:
                 with explanation_mode(unwrap(model)), _frozen_parameters(unwrap(model)):
                     logits = model(x)

@@ -202,17 +202,16 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cheap=None
     """The B-cos layers' linear convolution: :class:`_Conv2d` where a weight is trained (its
     backward may be differentiated again) and ``cheap``, the native one otherwise.
 
-    ``cheap=None`` (default) chooses :class:`_Conv2d` on CUDA and, on the CPU, where the output
-    has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels (its weight gradients then go through
-    a matrix product, 2-13x faster there). Elsewhere on the CPU the two are close: single
-    layers of a B-cos ResNet at 64 px run an e²KD step 7-12 % faster through
-    :class:`_Conv2d` and a KD step up to 8 % faster natively, and whole steps of the B-cos
-    ResNet-34 -> ResNet-18 pair differ by less than the noise
-    (``python -m benchmarks.bcos_conv --modes native,cheap,default``)."""
+    ``cheap=None`` (default) chooses :class:`_Conv2d` on CUDA, inside
+    :func:`e2kd._conv.expect_second_order` (a student whose explanation is differentiated) and,
+    on the CPU, where the output has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels (its
+    weight gradients then go through a matrix product, 2-13x faster there). Elsewhere on the
+    CPU — steps whose backward is not differentiated again — the native convolution is the
+    faster one (``python -m benchmarks.bcos_conv --modes native,cheap,default``)."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.conv2d(x, weight, None, stride, padding)
     if cheap is None:
-        cheap = x.is_cuda or _conv.small_output_on_cpu(x, weight, stride, padding)
+        cheap = x.is_cuda or _conv.second_order_expected() or _conv.small_output_on_cpu(x, weight, stride, padding)
     if cheap:
         return _Conv2d.apply(x, weight, tuple(stride), tuple(padding))
     return F.conv2d(x, weight, None, stride, padding)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from .._conv import expect_second_order
 from .base import Explainer, Explanation, check_logits, register_explainer, resolve_target, target_score
 
 __all__ = ["Gradient", "InputXGradient", "input_gradient"]
@@ -15,7 +16,11 @@ __all__ = ["Gradient", "InputXGradient", "input_gradient"]
 def input_gradient(model, x, target, *, create_graph: bool, who: str):
     """One forward pass; returns ``(logits, target, x_leaf, ∂z_target/∂x)``."""
     x_in = x.detach().requires_grad_(True)
-    logits = model(x_in)
+    if create_graph:  # the gradient will be differentiated again: second-order-friendly convolutions
+        with expect_second_order():
+            logits = model(x_in)
+    else:
+        logits = model(x_in)
     check_logits(logits, x, who)
     tgt = resolve_target(logits, target, who)
     score = target_score(logits, tgt)
