@@ -4,16 +4,20 @@
     python -m benchmarks.bcos_conv --device cuda --size 224 --batch 128 --amp bf16 --channels-last
 
 Times, interleaved in one process, the KD and live e²KD steps of B-cos ResNet-34 -> B-cos
-ResNet-18 with the B-cos layers' operations run several ways (``--modes``):
+ResNet-18 with the B-cos layers' operations run several ways (``--modes``; all but ``previous``
+and ``unpruned`` call ``loss.backward(inputs=trained parameters)`` as the trainer does):
 
 * ``previous``: the operations as they were before 2026-11-27: native ``F.conv2d`` everywhere
   on the CPU (:class:`_Conv2d` on CUDA, computing weight gradients in explanation passes too),
   the unit-norm weights through autograd's division and norm nodes, the batch variance through
-  ``Tensor.var``;
+  ``Tensor.var``, a plain ``loss.backward()``;
 * ``native``: ``F.conv2d`` everywhere (its second-order pass goes through
   ``_convolution_double_backward``, its weight gradients through oneDNN / cuDNN);
 * ``cheap``: :class:`e2kd.bcos.layers._Conv2d` everywhere (transposed convolution for the input
   gradient, :func:`e2kd._conv.conv2d_weight_grad` for the weight gradients);
+* ``unpruned``: ``first_order`` with a plain ``loss.backward()``, which also differentiates the
+  loss with respect to the explained input (what every step did before the trainer called
+  ``backward(inputs=trained parameters)``);
 * ``first_order``: the dispatch of 2026-11-27 (``cheap`` on CUDA; on the CPU ``cheap`` only for
   convolutions with at most 4 output pixels, whether or not the step differentiates an
   explanation; fused unit-norm backward; native batch statistics);
@@ -43,7 +47,7 @@ from .step import (
     PAIRS, Variant, add_heap_arg, add_step_args, apply_heap_arg, build_teacher, make_input, override_pair, paired_ratio, sync,
 )
 
-MODES = ("previous", "native", "cheap", "first_order", "default")
+MODES = ("previous", "native", "cheap", "unpruned", "first_order", "default")
 
 
 class _AutogradUnitRows:
@@ -67,7 +71,7 @@ def mode(name: str):
             _conv._needed = lambda ctx, i: ctx.needs_input_grad[i]
         elif name in ("native", "cheap"):
             layers.conv2d = partial(dispatch, cheap=name == "cheap")
-        elif name == "first_order":
+        elif name in ("first_order", "unpruned"):
             _conv.second_order_expected = lambda: False
         yield
     finally:
@@ -94,6 +98,8 @@ def main(argv=None) -> int:
     x = make_input(args)
     rows = [(kind, m) for kind in ("kd", "e2kd") for m in modes]
     steps = {row: Variant(row[0], teacher, "bcos", args) for row in rows}
+    for row in rows:
+        steps[row].prune_backward = row[1] not in ("previous", "unpruned")
     times = {row: [] for row in rows}
     for i in range(args.steps + 1):
         for row in rows:

@@ -90,6 +90,7 @@ class Variant:
         # the trainer's optimiser (fused Adam on CPU and CUDA)
         self.opt = build_optimizer(student.parameters(), OptimConfig(name=OptimizerName.adam, lr=1e-4))
         self.params = [p for p in student.parameters() if p.requires_grad]
+        self.prune_backward = True
         self.eager_student = student
         if args.compile:
             self.distiller.student = torch.compile(student)
@@ -117,7 +118,8 @@ class Variant:
                 out = self.distiller(x, teacher_logits=self.stored[0], teacher_maps=self.stored[1])
             else:
                 out = self.distiller(x)
-        out["loss"].backward(inputs=self.params)  # as the trainer: no gradient for the explained input
+        # as the trainer: gradients of the trained parameters only, none for the explained input
+        out["loss"].backward(inputs=self.params if self.prune_backward else None)
         self.opt.step()
 
     def first_step(self, x: torch.Tensor) -> None:

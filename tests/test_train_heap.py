@@ -82,6 +82,56 @@ def test_pad_keeps_freed_memory_for_the_next_allocation():
             assert faults < 0.02 * pages, rows
 
 
+_STEP_LIKE = textwrap.dedent(
+    """
+    import ctypes, importlib.util, resource, sys
+
+    spec = importlib.util.spec_from_file_location("heap", sys.argv[1])  # without importing torch
+    heap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heap)
+    libc = heap.glibc_malloc()
+    libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    assert heap.set_malloc_top_pad(int(sys.argv[2]))
+    # a training step's tensors (one layer-4 weight gradient of a ResNet is 9 MiB), allocated as
+    # PyTorch allocates them (64-byte aligned), written, and all freed at the end of the step
+    sizes = [9 << 20, 2 << 20, 4 << 20, 1 << 20, 512 << 10, 3 << 20] * 5
+    for _ in range(6):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        blocks = []
+        for size in sizes:
+            p = ctypes.c_void_p()
+            assert libc.posix_memalign(ctypes.byref(p), 64, size) == 0
+            ctypes.memset(p, 1, size)
+            blocks.append(p)
+        for p in reversed(blocks):
+            libc.free(p)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    """
+)
+
+
+@needs_glibc
+@pytest.mark.parametrize("pad", [0, 1024])
+def test_pad_serves_a_steps_large_blocks_from_the_heap(pad):
+    """``M_TOP_PAD`` alone freezes glibc's mmap threshold at 128 KiB in a fresh process, and every
+    larger block would be mapped afresh, page fault by page fault, on every step; with the pad's
+    threshold the blocks come from the heap and the second step reuses the first one's memory."""
+    import e2kd.train.heap
+
+    out = subprocess.run(
+        [sys.executable, "-c", _STEP_LIKE, e2kd.train.heap.__file__, str(pad)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    faults = [int(line) for line in out.stdout.split()]
+    pages = 5 * ((19 << 20) + (512 << 10)) // 4096  # 5 x 19.5 MiB
+    assert len(faults) == 6 and faults[0] > 0.8 * pages, faults
+    if pad:  # the heap settles within two steps (posix_memalign's alignment moves a few blocks)
+        assert sum(faults[1:]) < 0.2 * pages and max(faults[3:]) < 0.02 * pages, faults
+    else:  # glibc's defaults without the dynamic threshold: mapped and unmapped every step
+        assert min(faults[1:]) > 0.8 * pages, faults
+
+
 def test_not_glibc_changes_nothing(monkeypatch):
     import e2kd.train.heap as heap
 

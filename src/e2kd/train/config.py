@@ -202,7 +202,8 @@ class ExperimentConfig:
     eval_batch_size: Optional[int] = None
     progress: bool = True
     tensorboard: bool = False
-    # glibc malloc: MiB of freed memory the heap keeps between steps (e2kd.train.heap); null: leave it as it is
+    # glibc malloc: MiB of freed memory the heap keeps between steps, and blocks below it come from the heap
+    # (e2kd.train.heap); null: leave it as it is
     malloc_top_pad_mib: Optional[int] = 1024
 
 

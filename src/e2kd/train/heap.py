@@ -1,15 +1,19 @@
-"""Keep freed memory inside the process between training steps (glibc's ``M_TOP_PAD``).
+"""Keep freed memory inside the process between training steps (glibc's ``M_TOP_PAD`` and
+``M_MMAP_THRESHOLD``).
 
 A CPU training step allocates its activations, saved tensors and gradients and frees them all
-at the end. glibc's malloc then returns the freed top of its heap to the operating system as
-soon as it exceeds the trim threshold (at most 64 MiB), and the next step takes the same
-memory back page by page: every 4 KiB page is a page fault and is zeroed by the kernel before
-PyTorch writes it. Whether the top is trimmed depends on the order of allocations (a live
-block above the freed ones pins them): the KD and e²KD steps of ResNet-34 -> ResNet-18 at 64 px
-and batch 32 took 3,500-6,400 faults each, the B-cos pair's benchmark steps none (``python -m
-benchmarks.heap`` compares settings side by side). ``mallopt(M_TOP_PAD, n)`` lets the heap keep ``n`` bytes of
-free space at its top when it trims (and ask for as much extra when it grows), so the memory
-of one step is reused by the next (docs/results/perf.md has the measurements).
+at the end. glibc's malloc gives memory back to the operating system in two ways: it trims the
+freed top of its heap once that exceeds the trim threshold, and it serves every block above
+the mmap threshold with a fresh ``mmap`` that ``free`` unmaps. Either way the next step takes
+the same memory back page by page: every 4 KiB page is a page fault and is zeroed by the
+kernel before PyTorch writes it. How much of a step goes that way depends on the order of
+allocations and on where glibc's dynamic mmap threshold happens to stand, so it comes and goes
+between runs: 3,500-6,400 faults a step for the KD and e²KD steps of ResNet-34 -> ResNet-18 at
+64 px and batch 32, 43,000-46,000 for the B-cos e²KD and frozen steps of one benchmark
+layout and none for another. :func:`set_malloc_top_pad` lets the heap keep ``n`` MiB of free
+space at its top when it trims (and ask for as much extra when it grows) and serves blocks
+below ``n`` MiB from the heap, so the memory of one step is reused by the next
+(docs/results/perf.md has the measurements).
 
 The setting is process-wide and cannot be read back; the trainer applies it at the start of a
 run (``malloc_top_pad_mib``, default :data:`DEFAULT_TOP_PAD_MIB`). Resident memory between steps
@@ -31,6 +35,8 @@ __all__ = ["DEFAULT_TOP_PAD_MIB", "glibc_malloc", "set_malloc_top_pad"]
 DEFAULT_TOP_PAD_MIB = 1024
 
 _M_TOP_PAD = -2  # glibc <malloc.h>
+_M_MMAP_THRESHOLD = -3
+_GLIBC_MMAP_THRESHOLD = 128 << 10  # glibc's default, before its dynamic adjustment
 # mallopt takes an int: the largest padding it can express
 _MAX_MIB = (2**31 - 1) >> 20
 
@@ -55,6 +61,12 @@ def set_malloc_top_pad(mib: int) -> bool:
     mib : int
         The padding in MiB, ``0 <= mib <= 2047``; ``0`` is glibc's trimming without a pad.
 
+    Blocks smaller than the pad are then served from the heap (``M_MMAP_THRESHOLD`` = the pad):
+    setting ``M_TOP_PAD`` alone switches off glibc's dynamic mmap threshold and freezes it where
+    it stands (128 KiB in a fresh process), so that every larger tensor would be a fresh
+    ``mmap`` that faults page by page each time it is allocated, whatever the pad. ``0`` sets
+    glibc's defaults (no pad, 128 KiB threshold) without the dynamic adjustment.
+
     Returns
     -------
     bool
@@ -72,4 +84,7 @@ def set_malloc_top_pad(mib: int) -> bool:
     libc.mallopt.restype = ctypes.c_int
     if libc.mallopt(_M_TOP_PAD, mib << 20) != 1:
         raise RuntimeError(f"glibc refused mallopt(M_TOP_PAD, {mib << 20})")
+    threshold = mib << 20 if mib else _GLIBC_MMAP_THRESHOLD
+    if libc.mallopt(_M_MMAP_THRESHOLD, threshold) != 1:
+        raise RuntimeError(f"glibc refused mallopt(M_MMAP_THRESHOLD, {threshold}); set malloc_top_pad_mib to at most 32")
     return True
