@@ -286,16 +286,17 @@ class _CountingConv2d:
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
 def test_bcos_student_takes_the_second_order_convolution_only_when_explained(lam, monkeypatch):
-    """Trained B-cos convolutions go through :class:`_Conv2d` on the CPU only in a forward pass
-    whose backward is differentiated again (a student's explanation) or at <= 4 output pixels
-    (none at 32 px here); the teacher's frozen convolutions never."""
+    """On the CPU, trained B-cos convolutions go through :class:`_Conv2d` when strided in a
+    forward pass whose backward is differentiated again (a student's explanation), or at <= 4
+    output pixels (none at 32 px here); the teacher's frozen convolutions never."""
     teacher, student, _ = _pair("bcos")
     _CountingConv2d.calls = []
     monkeypatch.setattr(bcos_layers, "_Conv2d", _CountingConv2d)
     out = e2kd.Distiller(teacher, student, explainer="bcos", lam=lam)(torch.rand(4, 3, 32, 32))
     out["loss"].backward()
-    student_convs = sorted(tuple(m.weight.shape) for m in student.modules() if isinstance(m, torch.nn.Conv2d))
-    assert sorted(_CountingConv2d.calls) == (student_convs if lam else [])
+    strided = sorted(tuple(m.weight.shape) for m in student.modules() if isinstance(m, torch.nn.Conv2d) and max(m.stride) > 1)
+    assert strided, "the test needs strided student convolutions"
+    assert sorted(_CountingConv2d.calls) == (strided if lam else [])
 
 
 @pytest.mark.parametrize("kind,explainer", [("bcos", "bcos"), ("gradcam", "gradient"), ("gradcam", "inputxgradient")])
@@ -466,3 +467,30 @@ def test_heap_benchmark_runs_every_setting():
     assert [(r[1].strip(), int(r[2])) for r in rows] == [("kd", 0), ("kd", 64), ("e2kd", 0), ("e2kd", 64)]
     assert [float(r[5]) for r in rows if int(r[2]) == 0] == [1.0, 1.0]  # the reference setting against itself
     assert "M_TOP_PAD 64 MiB: paired ratio to KD: e2kd" in res.stdout
+
+
+def test_second_order_benchmark_times_every_convolution_of_the_model():
+    cmd = [sys.executable, "-m", "benchmarks.second_order", "--model", "bcos_resnet8_small", "--size", "16",
+           "--batch", "2", "--threads", "1", "--rounds", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| [")]
+    model = create_model("bcos_resnet8_small", num_classes=1000)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(int(r[3]) for r in rows) == len(convs)  # counts of the distinct convolutions
+    assert {r[1].strip() for r in rows} == {str(list(m.weight.shape)) for m in convs}
+    assert all(float(r[i]) > 0 for r in rows for i in (4, 5, 7, 8))
+    bad = subprocess.run([*cmd[:3], "--model", "resnet18"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert bad.returncode == 2 and "runs no B-cos convolution" in bad.stderr
+
+
+def test_bcos_conv_benchmark_compares_dispatch_and_backward_modes():
+    cmd = [sys.executable, "-m", "benchmarks.bcos_conv", "--teacher", "bcos_resnet8_small", "--student",
+           "bcos_resnet8_small", "--size", "32", "--batch", "2", "--steps", "1", "--threads", "1", "--classes", "4",
+           "--modes", "unpruned,first_order"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in res.stdout.splitlines()
+            if line.startswith("| KD |") or line.startswith("| live")]
+    assert [(r[0], r[1]) for r in rows] == [(k, m) for k in ("KD", "live e²KD") for m in ("unpruned", "first_order", "default")]
+    assert float(rows[0][4]) == 1.0 and float(rows[3][4]) == 1.0  # each step against itself in the first mode

@@ -7,11 +7,11 @@ explanation term of e²KD) uses fast kernels, and with weight gradients from
 matrix product. The B-cos layers use it for trained weights (:func:`e2kd.bcos.layers.conv2d`);
 :func:`use_fast_small_convs` gives ordinary ``nn.Conv2d`` modules the same choice.
 
-Which of the two a convolution takes depends on whether its backward will be differentiated
-again: an explainer that differentiates a student's input gradient runs the student's forward
-inside :func:`expect_second_order`, and there every trained convolution uses :class:`_Conv2d`
-(on the CPU its second-order pass is 0.7-1.0x the native one per layer, while a first-order
-step is 1.05-1.45x faster natively: ``python -m benchmarks.bcos_conv``).
+Which of the two a convolution takes (:func:`prefer_conv2d_function`) depends on the device,
+the output size, the stride and on whether its backward will be differentiated again: an
+explainer that differentiates a student's input gradient runs the student's forward inside
+:func:`expect_second_order`, and there strided convolutions use :class:`_Conv2d` on the CPU
+too (``python -m benchmarks.second_order`` times both on every layer of a model).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "conv2d_weight_grad",
     "expect_second_order",
     "matmul_weight_grad",
+    "prefer_conv2d_function",
     "second_order_expected",
     "use_fast_small_convs",
 ]
@@ -167,6 +168,22 @@ class _Conv2d(torch.autograd.Function):
         return gx, gw, None, None
 
 
+def prefer_conv2d_function(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
+    """Whether a trained convolution should run through :class:`_Conv2d` rather than the native
+    one: always on CUDA (the native second-order pass is the slow one there); on the CPU at
+    most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` output pixels, and, inside
+    :func:`expect_second_order`, strided convolutions, whose native second-order pass forms the
+    weight term as a convolution with a stride-dilated kernel. Measured per layer by
+    ``python -m benchmarks.second_order``: for a student's e²KD step, ``_Conv2d`` takes 0.56-0.94x
+    the native time on strided and tiny-output convolutions of a B-cos ResNet-18 at 64 px and
+    1.01-1.13x on the others; for a first-order step 0.40-0.87x at <= 4 pixels, 1.02-1.18x elsewhere."""
+    if x.is_cuda:
+        return True
+    if small_output_on_cpu(x, weight, stride, padding):
+        return True
+    return second_order_expected() and any(s > 1 for s in stride)
+
+
 def small_output_on_cpu(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
     """Whether a convolution of ``x`` runs on the CPU with at most
     ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` output pixels (where :class:`_Conv2d` is the faster path)."""
@@ -176,18 +193,19 @@ def small_output_on_cpu(x: torch.Tensor, weight: torch.Tensor, stride, padding) 
 
 
 class FastSmallConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that trains through :class:`_Conv2d` inside :func:`expect_second_order`
-    (a student explained by its input gradient) and, on the CPU, where its output has at most
-    ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels (its weight gradient is then a matrix product,
-    2-13x faster than oneDNN's); the native convolution everywhere else. Same parameters and
-    state-dict keys as ``nn.Conv2d``."""
+    """``nn.Conv2d`` that trains through :class:`_Conv2d` where :func:`prefer_conv2d_function`
+    says so: on the CPU where its output has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels
+    (its weight gradient is then a matrix product, 2-13x faster than oneDNN's) and, when strided,
+    inside :func:`expect_second_order` (a student explained by its input gradient); the native
+    convolution on the CPU everywhere else. Same parameters and state-dict keys as
+    ``nn.Conv2d``."""
 
     def _conv_forward(self, input, weight, bias):
         if (
             torch.is_grad_enabled()
             and weight.requires_grad
             and isinstance(self.padding, tuple)
-            and (second_order_expected() or small_output_on_cpu(input, weight, self.stride, self.padding))
+            and prefer_conv2d_function(input, weight, self.stride, self.padding)
         ):
             out = _Conv2d.apply(input, weight, tuple(self.stride), tuple(self.padding))
             return out if bias is None else out + bias.view(1, -1, 1, 1)

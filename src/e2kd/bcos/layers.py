@@ -202,16 +202,16 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cheap=None
     """The B-cos layers' linear convolution: :class:`_Conv2d` where a weight is trained (its
     backward may be differentiated again) and ``cheap``, the native one otherwise.
 
-    ``cheap=None`` (default) chooses :class:`_Conv2d` on CUDA, inside
-    :func:`e2kd._conv.expect_second_order` (a student whose explanation is differentiated) and,
-    on the CPU, where the output has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels (its
-    weight gradients then go through a matrix product, 2-13x faster there). Elsewhere on the
-    CPU — steps whose backward is not differentiated again — the native convolution is the
-    faster one (``python -m benchmarks.bcos_conv --modes native,cheap,default``)."""
+    ``cheap=None`` (default) asks :func:`e2kd._conv.prefer_conv2d_function`: :class:`_Conv2d` on
+    CUDA and, on the CPU, at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` output pixels (its weight
+    gradients then go through a matrix product, 2-13x faster there) and strided convolutions of
+    a student whose explanation is differentiated (:func:`e2kd._conv.expect_second_order`); the
+    native convolution for the rest, where it is the faster one
+    (``python -m benchmarks.second_order``, ``python -m benchmarks.bcos_conv``)."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.conv2d(x, weight, None, stride, padding)
     if cheap is None:
-        cheap = x.is_cuda or _conv.second_order_expected() or _conv.small_output_on_cpu(x, weight, stride, padding)
+        cheap = _conv.prefer_conv2d_function(x, weight, stride, padding)
     if cheap:
         return _Conv2d.apply(x, weight, tuple(stride), tuple(padding))
     return F.conv2d(x, weight, None, stride, padding)
