@@ -7,7 +7,7 @@
 # 1. Step benchmark (python -m benchmarks.step) at 224 px, batch 128, bf16 autocast, channels-last:
 #    KD, live e2KD, frozen e2KD, lam=0 and explain_every=4 for ResNet-34 -> ResNet-18 (GradCAM),
 #    B-cos ResNet-34 -> B-cos ResNet-18 and B-cos DenseNet-169 -> B-cos ResNet-18.
-#    Then the B-cos operations check (python -m benchmarks.bcos_conv: previous, native, cheap and default paths)
+#    Then the B-cos operations check (python -m benchmarks.bcos_conv: previous, native, cheap, unpruned, first_order and default)
 #    and the top operators of the B-cos steps (python -m benchmarks.op_profile).
 # 2. Throughput of a short real distillation loop (python -m benchmarks.throughput, ~100 steps on
 #    synthetic 224 px images, data loading included) for the B-cos pair, KD and e2KD.
