@@ -415,6 +415,25 @@ def test_frozen_every4_variant_has_no_teacher_and_explains_every_fourth_step():
     assert explained == [True, False, False, False, True]
 
 
+def test_every2_variant_explains_every_second_step_and_is_not_in_the_default_set():
+    sys.path.insert(0, str(ROOT))
+    import types
+
+    from benchmarks.step import DEFAULT_VARIANTS, Variant
+
+    args = types.SimpleNamespace(channels_last=False, device="cpu", classes=4, batch=2, size=32, amp="none",
+                                 compile=False, teacher=None, student=None)
+    teacher = create_model("resnet8_small", num_classes=4).eval()
+    v = Variant("every2", teacher, "gradcam", args)
+    assert v.distiller.teacher is teacher and v.distiller.explain_every == 2 and v.distiller.lam == 1.0
+    explained = []
+    for _ in range(4):
+        explained.append(v.distiller.explains_this_step())
+        v(torch.rand(2, 3, 32, 32))
+    assert explained == [True, False, True, False]
+    assert "every2" not in DEFAULT_VARIANTS
+
+
 def test_optimizer_benchmark_times_three_updates():
     cmd = [sys.executable, "-m", "benchmarks.optimizer", "--model", "resnet8_small", "--steps", "1", "--threads", "1"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
