@@ -58,8 +58,8 @@ class Distiller(nn.Module):
     ``"inputxgradient"``) the input is a leaf that requires grad, and a plain ``backward()``
     also computes the loss's gradient with respect to it, which no one uses;
     ``loss.backward(inputs=[p for p in student.parameters() if p.requires_grad])`` gives the
-    same parameter gradients without it (the trainer does this; 6-8 % of a B-cos e²KD step on
-    the CPU, ``docs/results/perf.md``).
+    same parameter gradients without it (the trainer does this; an input gradient of the first
+    convolution less, about 1 % of a B-cos e²KD step on the CPU, ``docs/results/perf.md``).
 
     Parameters
     ----------
