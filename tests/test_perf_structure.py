@@ -8,6 +8,7 @@ convolution backward) and the teacher keeps neither parameter gradients nor its 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -271,6 +272,25 @@ def test_backward_over_trained_parameters_skips_the_explained_inputs_gradient(ki
     assert stem_input_grads == {True: 1, False: 0}
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_conv2d_function_dispatch_rule():
+    """Where a trained convolution runs through ``_Conv2d``: the decisions the benchmarks justify."""
+    import types
+
+    prefer = _conv.prefer_conv2d_function
+    w3 = torch.empty(8, 8, 3, 3)
+    x16, x2 = torch.empty(2, 8, 16, 16), torch.empty(2, 8, 2, 2)
+    cuda = types.SimpleNamespace(is_cuda=True)  # only the device is looked at on CUDA
+    for hint in (False, True):
+        ctx = _conv.expect_second_order() if hint else contextlib.nullcontext()
+        with ctx:
+            assert prefer(x16, w3, (1, 1), (1, 1)) is False  # stride 1 on the CPU: native either way
+            assert prefer(x16, w3, (2, 2), (1, 1)) is hint  # strided: only for a second-order pass
+            assert prefer(x2, w3, (1, 1), (1, 1)) is True  # <= 4 output pixels: the matrix-product weight gradient
+            assert prefer(cuda, w3, (1, 1), (1, 1)) is True  # B-cos layers on CUDA
+            assert prefer(cuda, w3, (1, 1), (1, 1), cuda_always=False) is hint  # plain convolutions on CUDA
+    assert not _conv.second_order_expected()
 
 
 class _CountingConv2d:

@@ -168,17 +168,18 @@ class _Conv2d(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def prefer_conv2d_function(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
+def prefer_conv2d_function(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cuda_always: bool = True) -> bool:
     """Whether a trained convolution should run through :class:`_Conv2d` rather than the native
-    one: always on CUDA (the native second-order pass is the slow one there); on the CPU at
-    most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` output pixels, and, inside
+    one. On CUDA: inside :func:`expect_second_order` (the native second-order pass is the slow
+    one there), and with ``cuda_always`` (the B-cos layers, measured on an H100) for first-order
+    steps too. On the CPU: at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` output pixels, and, inside
     :func:`expect_second_order`, strided convolutions, whose native second-order pass forms the
     weight term as a convolution with a stride-dilated kernel. Measured per layer by
     ``python -m benchmarks.second_order``: for a student's e²KD step, ``_Conv2d`` takes 0.56-0.94x
     the native time on strided and tiny-output convolutions of a B-cos ResNet-18 at 64 px and
     1.01-1.13x on the others; for a first-order step 0.40-0.87x at <= 4 pixels, 1.02-1.18x elsewhere."""
     if x.is_cuda:
-        return True
+        return cuda_always or second_order_expected()
     if small_output_on_cpu(x, weight, stride, padding):
         return True
     return second_order_expected() and any(s > 1 for s in stride)
@@ -195,17 +196,17 @@ def small_output_on_cpu(x: torch.Tensor, weight: torch.Tensor, stride, padding) 
 class FastSmallConv2d(nn.Conv2d):
     """``nn.Conv2d`` that trains through :class:`_Conv2d` where :func:`prefer_conv2d_function`
     says so: on the CPU where its output has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels
-    (its weight gradient is then a matrix product, 2-13x faster than oneDNN's) and, when strided,
-    inside :func:`expect_second_order` (a student explained by its input gradient); the native
-    convolution on the CPU everywhere else. Same parameters and state-dict keys as
-    ``nn.Conv2d``."""
+    (its weight gradient is then a matrix product, 2-13x faster than oneDNN's); inside
+    :func:`expect_second_order` (a student explained by its input gradient) when strided, and on
+    CUDA; the native convolution everywhere else, first-order steps on CUDA included. Same
+    parameters and state-dict keys as ``nn.Conv2d``."""
 
     def _conv_forward(self, input, weight, bias):
         if (
             torch.is_grad_enabled()
             and weight.requires_grad
             and isinstance(self.padding, tuple)
-            and prefer_conv2d_function(input, weight, self.stride, self.padding)
+            and prefer_conv2d_function(input, weight, self.stride, self.padding, cuda_always=False)
         ):
             out = _Conv2d.apply(input, weight, tuple(self.stride), tuple(self.padding))
             return out if bias is None else out + bias.view(1, -1, 1, 1)
