@@ -15,7 +15,6 @@ setting); and per setting the paired e²KD / KD ratios.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import time
@@ -25,12 +24,9 @@ import torch
 from e2kd.train.heap import glibc_malloc, set_malloc_top_pad
 
 from .step import (
-    EVERY, PAIRS, VARIANTS, Variant, add_step_args, build_teacher, check_pair_and_variants, make_input, paired_ratio, sync,
+    EVERY, PAIRS, VARIANTS, Variant, add_step_args, build_teacher, check_pair_and_variants, make_input, minor_faults,
+    paired_ratio, sync,
 )
-
-
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def run_pair(pair: str, args) -> dict:

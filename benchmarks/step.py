@@ -68,6 +68,11 @@ DEFAULT_VARIANTS = VARIANTS[:6]  # every2 on request
 EVERY = {"every4": 4, "frozen_every4": 4, "every2": 2}
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def map_shape(explainer: str, batch: int, size: int) -> tuple:
     """Shape of the teacher's maps for a batch: GradCAM (upsampled) 1 channel, B-cos weights 2·3."""
     return (batch, 1 if explainer == "gradcam" else 6, size, size)
@@ -216,13 +221,13 @@ def run_pair(pair: str, args) -> dict:
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             sync(args.device)
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            f0 = minor_faults()
             t0, c0 = time.perf_counter(), time.process_time()
             v(x)
             sync(args.device)
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+            faults[name].append(minor_faults() - f0)
             if args.device.startswith("cuda"):
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
     rows = {}

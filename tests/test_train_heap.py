@@ -31,20 +31,22 @@ def test_config_default_and_null():
     assert config_from_dict({"malloc_top_pad_mib": None}).malloc_top_pad_mib is None
 
 
-_REFILL = textwrap.dedent(
+# Both scripts run in a fresh interpreter and load e2kd.train.heap (argv[1]) without importing torch.
+_LOAD_HEAP = textwrap.dedent(
     """
     import ctypes, importlib.util, resource, sys
 
     spec = importlib.util.spec_from_file_location("heap", sys.argv[1])  # without importing torch
     heap = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(heap)
-    glibc_malloc, set_malloc_top_pad = heap.glibc_malloc, heap.set_malloc_top_pad
-
-    libc = glibc_malloc()
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc = heap.glibc_malloc()
     libc.free.argtypes = [ctypes.c_void_p]
-    big = libc.malloc(8 << 20)
-    libc.free(big)  # a freed 8 MiB mapping lifts glibc's mmap threshold: 1 MiB blocks now come from the heap
+    """
+)
+
+_REFILL = _LOAD_HEAP + textwrap.dedent(
+    """
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 
     def refill(n=150):  # 150 blocks of 1 MiB, written, then freed; the page faults of writing them
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -57,7 +59,7 @@ _REFILL = textwrap.dedent(
         return faults
 
     for pad in (0, 1024, 0, 1024):
-        assert set_malloc_top_pad(pad)
+        assert heap.set_malloc_top_pad(pad)
         refill()  # the heap settles into this setting
         print(pad, refill())
     """
@@ -82,16 +84,9 @@ def test_pad_keeps_freed_memory_for_the_next_allocation():
             assert faults < 0.02 * pages, rows
 
 
-_STEP_LIKE = textwrap.dedent(
+_STEP_LIKE = _LOAD_HEAP + textwrap.dedent(
     """
-    import ctypes, importlib.util, resource, sys
-
-    spec = importlib.util.spec_from_file_location("heap", sys.argv[1])  # without importing torch
-    heap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(heap)
-    libc = heap.glibc_malloc()
     libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
     assert heap.set_malloc_top_pad(int(sys.argv[2]))
     # a training step's tensors (one layer-4 weight gradient of a ResNet is 9 MiB), allocated as
     # PyTorch allocates them (64-byte aligned), written, and all freed at the end of the step

@@ -508,16 +508,14 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
                 data_time += time.time() - td
                 sync = net.no_sync() if info.enabled and micro < accum - 1 else nullcontext()
                 explains = distiller is not None and distiller.explains_this_step()
-                with sync:
-                    with _compiled_explanation(cfg, explains):
-                        out = forward_loss(batch)
+                with sync, _compiled_explanation(cfg, explains):
+                    out = forward_loss(batch)
                     _check_finite(out, step, info, last_ckpt)
                     loss = out["loss"] / accum
-                    with _compiled_explanation(cfg, explains):
-                        # gradients of the trained parameters only: a student explained by its input
-                        # gradient (B-cos, Gradient) holds its input as a leaf that requires grad, and
-                        # a plain backward would also differentiate the loss with respect to it
-                        (scaler.scale(loss) if scaler is not None else loss).backward(inputs=params or None)
+                    # gradients of the trained parameters only: a student explained by its input
+                    # gradient (B-cos, Gradient) holds its input as a leaf that requires grad, and
+                    # a plain backward would also differentiate the loss with respect to it
+                    (scaler.scale(loss) if scaler is not None else loss).backward(inputs=params or None)
                 for k, v in out.items():
                     if k != "loss":
                         step_terms[k] = step_terms.get(k, 0.0) + float(v) / accum
