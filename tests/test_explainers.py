@@ -132,6 +132,28 @@ def test_gradcam_without_graph_is_detached_and_builds_no_graph_below_the_layer()
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_gradcam_of_a_layer_whose_output_is_changed_in_place():
+    """torchvision's DenseNet applies ``F.relu(features, inplace=True)`` to its GradCAM layer's
+    output: the teacher pass (no graph below the layer) must not fail on a leaf, and both passes
+    give the CAM of the post-ReLU features the classifier uses, computed here by hand."""
+    from torchvision.models import DenseNet
+
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2, num_classes=5).eval()
+    x = torch.rand(2, 3, 32, 32)
+    feats = F.relu(model.features(x)).detach().requires_grad_(True)
+    logits = model.classifier(torch.flatten(F.adaptive_avg_pool2d(feats, 1), 1))
+    target = logits.argmax(1)
+    (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), feats)
+    cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * feats).sum(1, keepdim=True))
+    expected = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)
+    for create_graph in (False, True):
+        out = GradCAM()(model, x, create_graph=create_graph)
+        assert torch.equal(out.target, target)
+        torch.testing.assert_close(out.maps.detach(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.logits.detach(), logits.detach())
+
+
 def test_create_graph_maps_reach_every_parameter_of_the_head():
     model = _resnet18()
     out = GradCAM()(model, torch.rand(2, 3, 32, 32), create_graph=True)

@@ -109,9 +109,13 @@ class GradCAM(Explainer):
                 shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
                 raise ValueError(f"GradCAM: layer {layer_name!r} must output (B, K, h, w) activations, got {shape}")
             if not create_graph or not out.requires_grad:
-                # Start a fresh graph here: nothing below the layer is recorded.
-                out = out.detach().requires_grad_(True)
+                # Start a fresh graph here: nothing below the layer is recorded. The leaf is
+                # copied once, so that a model which goes on in place (torchvision's DenseNet:
+                # ``F.relu(features, inplace=True)``) changes the copy, as it changes the layer's
+                # output in a student's pass, instead of failing on a leaf.
                 torch.set_grad_enabled(True)
+                out = out.detach().requires_grad_(True).clone()
+            # the tensor as the layers above leave it (after any in-place change): what they use
             captured.append(out)
             return out
 
