@@ -92,7 +92,13 @@ def matmul_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, p
     patches = F.unfold(x, tuple(weight_shape[-2:]), padding=padding, stride=stride)  # (N, C·kh·kw, P)
     cols = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·P, C·kh·kw)
     rows = g.flatten(2).transpose(0, 1).reshape(weight_shape[0], -1)  # (O, N·P), same (n, p) order
-    return (rows @ cols).view(weight_shape)
+    if torch.is_grad_enabled():
+        return (rows @ cols).view(weight_shape)
+    # not a view: autograd adds a second gradient of the same weight into a tensor it solely
+    # owns in place, where a view would cost a new weight-sized sum
+    out = torch.empty(weight_shape, dtype=rows.dtype, device=rows.device)
+    torch.mm(rows, cols, out=out.view(weight_shape[0], -1))
+    return out
 
 
 def _needed(ctx, i: int) -> bool:
