@@ -29,7 +29,7 @@ class Dump:
             dist.all_reduce(loss)
             loss /= ctx.info.world_size
         if ctx.info.is_main:
-            tensors = {f"grad/{n}": p.grad.detach().clone() for n, p in ctx.model.named_parameters()}
+            tensors = {f"grad/{n}": p.grad.detach().contiguous().clone() for n, p in ctx.model.named_parameters()}  # channels-last: NCHW for safetensors
             tensors["loss"] = loss
             save_file(tensors, self.out)
 

@@ -27,6 +27,7 @@ __all__ = [
     "conv2d_weight_grad",
     "expect_second_order",
     "matmul_weight_grad",
+    "nchw_for_onednn_1x1",
     "prefer_conv2d_function",
     "second_order_expected",
     "use_fast_small_convs",
@@ -82,6 +83,8 @@ def conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, p
     Differentiable in ``x`` and ``g`` either way.
     """
     if x.device.type != "cpu" or g.shape[-2] * g.shape[-1] > _MATMUL_WEIGHT_GRAD_MAX_PIXELS:
+        if _onednn_1x1_bug(x, weight_shape, stride):  # in NCHW (see nchw_for_onednn_1x1)
+            x, g = x.contiguous(), g.contiguous()
         return torch.nn.grad.conv2d_weight(x, weight_shape, g, stride, padding)
     return matmul_weight_grad(x, g, weight_shape, stride, padding)
 
@@ -174,6 +177,33 @@ class _Conv2d(torch.autograd.Function):
         return gx, gw, None, None
 
 
+def _onednn_1x1_bug(x: torch.Tensor, weight_shape, stride) -> bool:
+    """Whether a convolution of ``x`` with a weight of ``weight_shape`` has the geometry whose
+    channels-last CPU weight gradient oneDNN gets wrong (see :func:`nchw_for_onednn_1x1`)."""
+    return (
+        x.device.type == "cpu"
+        and tuple(weight_shape[-2:]) == (1, 1)
+        and 1 < weight_shape[1] < 8
+        and any(s > 1 for s in stride)
+    )
+
+
+def nchw_for_onednn_1x1(x: torch.Tensor, weight: torch.Tensor, stride) -> tuple:
+    """``(x, weight)`` in PyTorch's default (NCHW) layout where oneDNN's CPU weight gradient of a
+    channels-last convolution is broken: a 1 x 1 kernel, a stride above 1 and 2-7 input
+    channels. There the AVX2 kernel writes past its workspace (uxlfoundation/oneDNN#6035):
+    wrong weight gradients, a hang with two threads, heap corruption with one (measured with
+    torch 2.14.1; 8 or more channels, stride 1 and the NCHW layout are unaffected). Unchanged
+    elsewhere; values and gradients are the same either way. :func:`conv2d_weight_grad` (the
+    weight gradients of :class:`_Conv2d`, first and second order) does the same with its inputs."""
+    if _onednn_1x1_bug(x, weight.shape, stride) and torch.is_grad_enabled() and weight.requires_grad:
+        # a 1 x 1 weight converted to channels-last counts as contiguous but keeps channels-last
+        # strides, which alone select the broken kernel: copy it (at most 7 values per filter)
+        standard = weight.stride() == (weight.shape[1], 1, 1, 1)
+        return x.contiguous(), weight if standard else weight.clone(memory_format=torch.contiguous_format)
+    return x, weight
+
+
 def prefer_conv2d_function(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cuda_always: bool = True) -> bool:
     """Whether a trained convolution should run through :class:`_Conv2d` rather than the native
     one. On CUDA: inside :func:`expect_second_order` (the native second-order pass is the slow
@@ -208,6 +238,7 @@ class FastSmallConv2d(nn.Conv2d):
     parameters and state-dict keys as ``nn.Conv2d``."""
 
     def _conv_forward(self, input, weight, bias):
+        input, weight = nchw_for_onednn_1x1(input, weight, self.stride)
         if (
             torch.is_grad_enabled()
             and weight.requires_grad

@@ -209,6 +209,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cheap=None
     (``python -m benchmarks.second_order``, ``python -m benchmarks.bcos_conv``)."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.conv2d(x, weight, None, stride, padding)
+    x, weight = _conv.nchw_for_onednn_1x1(x, weight, stride)
     if cheap is None:
         cheap = _conv.prefer_conv2d_function(x, weight, stride, padding)
     if cheap:

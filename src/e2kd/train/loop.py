@@ -76,6 +76,47 @@ def _amp_dtype(cfg: ExperimentConfig, device: torch.device) -> Optional[torch.dt
     return torch.bfloat16 if cfg.amp == Amp.bf16 else torch.float16
 
 
+def use_channels_last(cfg: ExperimentConfig, model: nn.Module, device: torch.device) -> bool:
+    """Whether training and evaluation run in the channels-last (NHWC) memory format.
+
+    ``channels_last: true / false`` decides. ``null`` (the default) chooses channels-last for a
+    model with a 2-D convolution, on the CPU, and on CUDA under bf16 / fp16 autocast (where
+    tensor-core kernels want NHWC). On this project's 2-core CPU, one training step in
+    channels-last took 0.69-0.93 of the contiguous step's time for plain CNN students and
+    teachers (ResNets, DenseNet-121, EfficientNet-Lite0, MobileNetV3) and 0.88-1.05 for B-cos
+    ResNets (``python -m benchmarks.memory_format``). Values are the same up to rounding.
+    """
+    risky = _broken_nhwc_weight_gradient(model) if device.type == "cpu" else None
+    if cfg.channels_last is not None:
+        if cfg.channels_last and risky is not None:
+            raise ValueError(
+                f"channels_last=true: layer {risky!r} is a plain nn.Conv2d with a 1x1 kernel, a stride above 1 and 2-7 "
+                "input channels, whose channels-last weight gradient oneDNN computes wrongly on the CPU (and can corrupt "
+                "memory; uxlfoundation/oneDNN#6035). Build the model with e2kd.models.create_model (its convolutions "
+                "avoid the bug) or set channels_last=false"
+            )
+        return bool(cfg.channels_last)
+    if risky is not None or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and cfg.amp in (Amp.bf16, Amp.fp16))
+
+
+def _broken_nhwc_weight_gradient(model: nn.Module) -> Optional[str]:
+    """The name of a trainable plain ``nn.Conv2d`` of ``model`` that oneDNN's channels-last
+    weight gradient gets wrong on the CPU (see :func:`e2kd._conv.nchw_for_onednn_1x1`, which
+    the project's convolutions apply), or None."""
+    for name, m in model.named_modules():
+        if (
+            type(m) is nn.Conv2d
+            and m.kernel_size == (1, 1)
+            and any(s > 1 for s in m.stride)
+            and 1 < m.in_channels // m.groups < 8
+            and m.weight.requires_grad
+        ):
+            return name
+    return None
+
+
 def _seed_everything(seed: int, deterministic: bool) -> None:
     import os
     import random
@@ -318,7 +359,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     model.to(device)
     if teacher is not None:
         teacher.to(device)
-    if cfg.channels_last:
+    channels_last = use_channels_last(cfg, model, device)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
@@ -416,7 +458,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             run_dir / "env.json",
             environment_record(
                 data={"sampling": sampling, "datasets": hashes},
-                extra={"world_size": info.world_size, "mode": mode, "malloc_top_pad_mib": heap_pad, "resumed_from": str(resume_from) if resume_from else None,
+                extra={"world_size": info.world_size, "mode": mode, "malloc_top_pad_mib": heap_pad, "channels_last": channels_last, "resumed_from": str(resume_from) if resume_from else None,
                    "frozen_store": frozen.record() if frozen is not None else None},
             ),
         )
@@ -448,7 +490,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     def forward_loss(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True)
-        if cfg.channels_last:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
             if distiller is not None:
@@ -612,6 +654,11 @@ def evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_
     """Metrics on the evaluation split (and ``val`` under ``results["val"]``)."""
     bs = cfg.eval_batch_size or cfg.optim.batch_size
     results: Dict[str, Any] = {}
+    channels_last = use_channels_last(cfg, model, info.device)
+    if channels_last:  # as in training (a no-op there); values are the same up to rounding
+        for m in (model, teacher):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
     loc = None
     if cfg.eval.localisation:
         from .build import localisation_explainer
@@ -630,7 +677,7 @@ def evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_
             group_names=getattr(ds, "group_names", None),
             info=info,
             amp_dtype=amp_dtype,
-            channels_last=cfg.channels_last,
+            channels_last=channels_last,
             localisation=loc,
             localisation_kwargs={"iou_rule": cfg.eval.iou_rule, "iou_value": cfg.eval.iou_value},
         )
