@@ -177,3 +177,33 @@ def test_memory_format_benchmark_runs_and_compares_losses():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| kd |") or line.startswith("| e2kd |")]
     assert len(rows) == 2 and all(float(r.split("|")[4]) > 0 for r in rows), out.stdout
     assert "loss" in out.stdout and "contiguous" in out.stdout
+
+
+def test_channels_last_weights_get_their_gradients_without_layout_copies():
+    """The matrix-product weight gradient and the unit-norm backward of a channels-last B-cos
+    weight give the NCHW values, already in the weight's layout (no weight-sized copy later)."""
+    from e2kd._conv import matmul_weight_grad
+    from e2kd.bcos.layers import _UnitRows
+
+    torch.manual_seed(0)
+    x, g = torch.randn(4, 6, 5, 5), torch.randn(4, 8, 3, 3)
+    want = torch.nn.grad.conv2d_weight(x, (8, 6, 3, 3), g, 2, 1)
+    got = matmul_weight_grad(x, g, (8, 6, 3, 3), (2, 2), (1, 1), channels_last=True)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(matmul_weight_grad(x, g, (8, 6, 3, 3), (2, 2), (1, 1)), want, rtol=1e-5, atol=1e-5)
+
+    w = torch.randn(8, 6, 3, 3)
+    upstream = torch.randn(8, 6, 3, 3)
+    grads = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        p = w.clone(memory_format=layout).requires_grad_(True)
+        _UnitRows.apply(p).backward(upstream.contiguous(memory_format=layout))
+        grads[layout] = p.grad
+    assert grads[torch.channels_last].stride() == w.contiguous(memory_format=torch.channels_last).stride()
+    # the hand formula: (g - u <g, u>) / ||w|| row by row
+    n = w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    u = w / n
+    expected = (upstream - u * (upstream * u).sum(dim=(1, 2, 3), keepdim=True)) / n
+    for layout, grad in grads.items():
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6, msg=str(layout))

@@ -71,7 +71,9 @@ def _output_pixels(size, kernel, stride, padding) -> int:
     return n
 
 
-def conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, padding) -> torch.Tensor:
+def conv2d_weight_grad(
+    x: torch.Tensor, g: torch.Tensor, weight_shape, stride, padding, *, channels_last: bool = False
+) -> torch.Tensor:
     r"""Weight gradient of ``y = conv2d(x, w)`` (no bias, groups 1, dilation 1) for an output
     gradient ``g``:
 
@@ -80,28 +82,38 @@ def conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, p
 
     On the CPU, where the output has at most ``_MATMUL_WEIGHT_GRAD_MAX_PIXELS`` pixels, computed as
     one matrix product of ``g`` with the unfolded input patches; elsewhere by the native kernel.
-    Differentiable in ``x`` and ``g`` either way.
+    Differentiable in ``x`` and ``g`` either way. ``channels_last``: the weight is stored
+    channels-last, and the matrix product writes its gradient in that layout (no copy later).
     """
     if x.device.type != "cpu" or g.shape[-2] * g.shape[-1] > _MATMUL_WEIGHT_GRAD_MAX_PIXELS:
         if _onednn_1x1_bug(x, weight_shape, stride):  # in NCHW (see nchw_for_onednn_1x1)
             x, g = x.contiguous(), g.contiguous()
         return torch.nn.grad.conv2d_weight(x, weight_shape, g, stride, padding)
-    return matmul_weight_grad(x, g, weight_shape, stride, padding)
+    return matmul_weight_grad(x, g, weight_shape, stride, padding, channels_last=channels_last)
 
 
-def matmul_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, padding) -> torch.Tensor:
+def matmul_weight_grad(
+    x: torch.Tensor, g: torch.Tensor, weight_shape, stride, padding, *, channels_last: bool = False
+) -> torch.Tensor:
     """The sum of :func:`conv2d_weight_grad` as one matrix product of ``g`` with the unfolded
-    input patches, on any device and output size."""
-    patches = F.unfold(x, tuple(weight_shape[-2:]), padding=padding, stride=stride)  # (N, C·kh·kw, P)
+    input patches, on any device and output size; with ``channels_last`` the result is laid out
+    channels-last (the patches' columns are reordered, not the weight-sized result)."""
+    o, c, kh, kw = weight_shape
+    patches = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (N, C·kh·kw, P)
     cols = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·P, C·kh·kw)
-    rows = g.flatten(2).transpose(0, 1).reshape(weight_shape[0], -1)  # (O, N·P), same (n, p) order
+    if channels_last:  # columns in (kh, kw, C) order: the memory order of a channels-last weight
+        cols = cols.view(-1, c, kh * kw).transpose(1, 2).reshape(cols.shape)
+    rows = g.flatten(2).transpose(0, 1).reshape(o, -1)  # (O, N·P), same (n, p) order
     if torch.is_grad_enabled():
-        return (rows @ cols).view(weight_shape)
-    # not a view: autograd adds a second gradient of the same weight into a tensor it solely
-    # owns in place, where a view would cost a new weight-sized sum
-    out = torch.empty(weight_shape, dtype=rows.dtype, device=rows.device)
-    torch.mm(rows, cols, out=out.view(weight_shape[0], -1))
-    return out
+        out = rows @ cols
+    else:
+        # not a view of a temporary: autograd adds a second gradient of the same weight into a
+        # tensor it solely owns in place, where a view would cost a new weight-sized sum
+        out = torch.empty(o, cols.shape[1], dtype=rows.dtype, device=rows.device)
+        torch.mm(rows, cols, out=out)
+    if channels_last:
+        return out.view(o, kh, kw, c).permute(0, 3, 1, 2)
+    return out.view(weight_shape)
 
 
 def _needed(ctx, i: int) -> bool:
@@ -118,6 +130,11 @@ def _needed(ctx, i: int) -> bool:
         return node is not None and bool(torch._C._will_engine_execute_node(node))
     except Exception:  # noqa: BLE001 - no answer (an old torch, a tracing backend): compute it
         return True
+
+
+def _channels_last(weight: torch.Tensor) -> bool:
+    """Whether a 4-D weight is stored channels-last (and not also contiguous, as 1 x 1 ones are)."""
+    return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 class _ConvInputGrad(torch.autograd.Function):
@@ -139,7 +156,7 @@ class _ConvInputGrad(torch.autograd.Function):
         g, weight = ctx.saved_tensors
         stride, padding = ctx.geometry
         gg = F.conv2d(u, weight, None, stride, padding) if _needed(ctx, 0) else None
-        gw = conv2d_weight_grad(u, g, weight.shape, stride, padding) if _needed(ctx, 1) else None
+        gw = conv2d_weight_grad(u, g, weight.shape, stride, padding, channels_last=_channels_last(weight)) if _needed(ctx, 1) else None
         return gg, gw, None, None, None
 
 
@@ -173,7 +190,9 @@ class _Conv2d(torch.autograd.Function):
             w = weight.to(g.dtype)  # under autocast the forward ran in the gradient's dtype
             gx = _ConvInputGrad.apply(g, w, tuple(x.shape), stride, padding).to(x.dtype)
         if _needed(ctx, 1):
-            gw = conv2d_weight_grad(x.to(g.dtype), g, weight.shape, stride, padding).to(weight.dtype)
+            gw = conv2d_weight_grad(
+                x.to(g.dtype), g, weight.shape, stride, padding, channels_last=_channels_last(weight)
+            ).to(weight.dtype)
         return gx, gw, None, None
 
 
