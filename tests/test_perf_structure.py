@@ -54,10 +54,10 @@ class ConvBackwardLog(TorchDispatchMode):
     def __enter__(self):
         original = _conv.conv2d_weight_grad
 
-        def logged(x, g, weight_shape, stride, padding):
+        def logged(x, g, weight_shape, stride, padding, **kw):
             self._in_weight_grad += 1
             try:
-                out = original(x, g, weight_shape, stride, padding)
+                out = original(x, g, weight_shape, stride, padding, **kw)
             finally:
                 self._in_weight_grad -= 1
             self.events.append(((False, True, False), tuple(weight_shape)))
