@@ -20,8 +20,6 @@ import time
 
 import torch
 
-import e2kd
-
 from .step import (
     EVERY, PAIRS, Variant, add_heap_arg, add_step_args, apply_heap_arg, build_teacher, check_pair_and_variants,
     make_input, paired_ratio, sync,
@@ -34,17 +32,9 @@ def _loss(step: Variant, x: torch.Tensor) -> float:
     """The loss of one step of ``step`` on ``x``, without updating the student (the random
     number generator seeded alike for both layouts: dropout and drop-connect)."""
     torch.manual_seed(0)
-    d = step.distiller
-    if step.plain_kd:
-        with torch.no_grad():
-            t = step.teacher(x)
-        out = e2kd.kd_loss(d.student(x), t, 1.0)
-    elif step.stored is not None:
-        out = d(x, teacher_logits=step.stored[0], teacher_maps=step.stored[1])["loss"]
-    else:
-        out = d(x)["loss"]
+    loss = float(step.loss(x).detach())
     step.opt.zero_grad(set_to_none=True)
-    return float(out.detach())
+    return loss
 
 
 def main(argv=None) -> int:

@@ -116,19 +116,21 @@ class Variant:
             else contextlib.nullcontext()
         )
 
-    def __call__(self, x: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The step's loss on ``x`` (forward only)."""
         with self.amp:
             if self.plain_kd:  # the baseline, written by hand: no Distiller, no explainer
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
-                out = {"loss": e2kd.kd_loss(self.distiller.student(x), teacher_logits, 1.0)}
-            elif self.stored is not None:
-                out = self.distiller(x, teacher_logits=self.stored[0], teacher_maps=self.stored[1])
-            else:
-                out = self.distiller(x)
+                return e2kd.kd_loss(self.distiller.student(x), teacher_logits, 1.0)
+            if self.stored is not None:
+                return self.distiller(x, teacher_logits=self.stored[0], teacher_maps=self.stored[1])["loss"]
+            return self.distiller(x)["loss"]
+
+    def __call__(self, x: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
         # as the trainer: gradients of the trained parameters only, none for the explained input
-        out["loss"].backward(inputs=self.params if self.prune_backward else None)
+        self.loss(x).backward(inputs=self.params if self.prune_backward else None)
         self.opt.step()
 
     def first_step(self, x: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "expect_second_order",
     "matmul_weight_grad",
     "nchw_for_onednn_1x1",
+    "onednn_1x1_bug",
     "prefer_conv2d_function",
     "second_order_expected",
     "use_fast_small_convs",
@@ -86,7 +87,7 @@ def conv2d_weight_grad(
     channels-last, and the matrix product writes its gradient in that layout (no copy later).
     """
     if x.device.type != "cpu" or g.shape[-2] * g.shape[-1] > _MATMUL_WEIGHT_GRAD_MAX_PIXELS:
-        if _onednn_1x1_bug(x, weight_shape, stride):  # in NCHW (see nchw_for_onednn_1x1)
+        if x.device.type == "cpu" and onednn_1x1_bug(weight_shape, stride):  # in NCHW (see nchw_for_onednn_1x1)
             x, g = x.contiguous(), g.contiguous()
         return torch.nn.grad.conv2d_weight(x, weight_shape, g, stride, padding)
     return matmul_weight_grad(x, g, weight_shape, stride, padding, channels_last=channels_last)
@@ -156,7 +157,9 @@ class _ConvInputGrad(torch.autograd.Function):
         g, weight = ctx.saved_tensors
         stride, padding = ctx.geometry
         gg = F.conv2d(u, weight, None, stride, padding) if _needed(ctx, 0) else None
-        gw = conv2d_weight_grad(u, g, weight.shape, stride, padding, channels_last=_channels_last(weight)) if _needed(ctx, 1) else None
+        gw = None
+        if _needed(ctx, 1):
+            gw = conv2d_weight_grad(u, g, weight.shape, stride, padding, channels_last=_channels_last(weight))
         return gg, gw, None, None, None
 
 
@@ -196,15 +199,11 @@ class _Conv2d(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def _onednn_1x1_bug(x: torch.Tensor, weight_shape, stride) -> bool:
-    """Whether a convolution of ``x`` with a weight of ``weight_shape`` has the geometry whose
-    channels-last CPU weight gradient oneDNN gets wrong (see :func:`nchw_for_onednn_1x1`)."""
-    return (
-        x.device.type == "cpu"
-        and tuple(weight_shape[-2:]) == (1, 1)
-        and 1 < weight_shape[1] < 8
-        and any(s > 1 for s in stride)
-    )
+def onednn_1x1_bug(weight_shape, stride) -> bool:
+    """Whether a convolution with a weight of ``weight_shape`` (out, in / groups, kh, kw) and
+    ``stride`` has the geometry whose channels-last CPU weight gradient oneDNN gets wrong (see
+    :func:`nchw_for_onednn_1x1`)."""
+    return tuple(weight_shape[-2:]) == (1, 1) and 1 < weight_shape[1] < 8 and any(s > 1 for s in stride)
 
 
 def nchw_for_onednn_1x1(x: torch.Tensor, weight: torch.Tensor, stride) -> tuple:
@@ -215,7 +214,7 @@ def nchw_for_onednn_1x1(x: torch.Tensor, weight: torch.Tensor, stride) -> tuple:
     torch 2.14.1; 8 or more channels, stride 1 and the NCHW layout are unaffected). Unchanged
     elsewhere; values and gradients are the same either way. :func:`conv2d_weight_grad` (the
     weight gradients of :class:`_Conv2d`, first and second order) does the same with its inputs."""
-    if _onednn_1x1_bug(x, weight.shape, stride) and torch.is_grad_enabled() and weight.requires_grad:
+    if x.device.type == "cpu" and onednn_1x1_bug(weight.shape, stride) and torch.is_grad_enabled() and weight.requires_grad:
         # a 1 x 1 weight converted to channels-last counts as contiguous but keeps channels-last
         # strides, which alone select the broken kernel: copy it (at most 7 values per filter)
         standard = weight.stride() == (weight.shape[1], 1, 1, 1)

@@ -150,10 +150,9 @@ class _UnitRows(torch.autograd.Function):
         # row dots in memory order (1.5x faster than a batched matrix product), without copies when
         # g and u share a layout (channels-last weights included); the gradient takes w's layout,
         # which the parameter's gradient must have anyway
-        if g.stride() == u.stride():
-            dot = torch.linalg.vecdot(_memory_rows(g), _memory_rows(u)).view_as(norms)
-        else:
-            dot = torch.linalg.vecdot(g.flatten(1), u.flatten(1)).view_as(norms)
+        same = g.stride() == u.stride()
+        rows = _memory_rows if same else (lambda t: t.flatten(1))
+        dot = torch.linalg.vecdot(rows(g), rows(u)).view_as(norms)
         return torch.addcmul(g, u, dot, value=-1, out=torch.empty_like(w)).div_(norms)
 
 

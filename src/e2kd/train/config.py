@@ -192,7 +192,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     amp: Amp = Amp.none
     # null: channels-last for models with 2-D convolutions on the CPU, and on CUDA under bf16/fp16
-    # autocast (memory_format_for in e2kd.train.loop); true / false force it
+    # autocast (use_channels_last in e2kd.train.loop); true / false force it
     channels_last: Optional[bool] = None
     compile: bool = False
     checkpoint_every: int = 0  # optimiser steps; 0: only at the end (and on SIGTERM/Ctrl-C)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._conv import onednn_1x1_bug
 from ..distiller import Distiller
 from .augment import augment_batch
 from .batches import TrainStream, build_datasets, eval_batches
@@ -106,13 +107,7 @@ def _broken_nhwc_weight_gradient(model: nn.Module) -> Optional[str]:
     weight gradient gets wrong on the CPU (see :func:`e2kd._conv.nchw_for_onednn_1x1`, which
     the project's convolutions apply), or None."""
     for name, m in model.named_modules():
-        if (
-            type(m) is nn.Conv2d
-            and m.kernel_size == (1, 1)
-            and any(s > 1 for s in m.stride)
-            and 1 < m.in_channels // m.groups < 8
-            and m.weight.requires_grad
-        ):
+        if type(m) is nn.Conv2d and m.weight.requires_grad and onednn_1x1_bug(m.weight.shape, m.stride):
             return name
     return None
 
