@@ -101,6 +101,32 @@ def test_unrelated_quick(out):
 
 
 @pytest.mark.timeout(300)
+def test_unrelated_photos_quick(out):
+    from e2kd.models import create_model
+
+    exp = run_experiment("unrelated_photos", out_dir=out, quick=True)
+    res, table = _load(exp)
+    assert [r["method"] for r in res["rows"]] == ["KD", "e²KD"]
+    assert "| KD |" in table and "| e²KD |" in table and "No labels, so no accuracy" in table
+    assert (Path(res["store"]) / "manifest.json").is_file()
+    rec = {r["method"]: r for r in res["records"]}
+    for r in rec.values():
+        assert 0.0 <= r["agreement"] <= 1.0 and -1.0 <= r["explanation_similarity"] <= 1.0
+        assert r["num_test_images"] == 24 and r["num_val_images"] == 24 and 0.0 <= r["val_agreement"] <= 1.0
+    # both students read the teacher from the store; the e2KD run's loss has the explanation term
+    for method, lam in (("kd", 0.0), ("e2kd", 1.0)):
+        cfg = (exp / "runs" / f"{method}-quick-test-s0" / "config.yaml").read_text()
+        assert f"lam: {lam}" in cfg and "frozen: " + res["store"] in cfg
+    # agreement recomputed here on the same 24 test images with the pretrained teacher
+    ds = build_dataset("tuxobjects", "test", image_size=32, renders=1, counts={"train": 48})
+    x = ds.images[:24].float() / 255.0
+    with torch.no_grad():
+        s = load_model_file(exp / "runs" / "e2kd-quick-test-s0", in_chans=3).eval()(x).argmax(1)
+        t = create_model("efficientnet_lite0", pretrained=True).eval()(x).argmax(1)
+    assert rec["e²KD"]["agreement"] == pytest.approx(float((s == t).float().mean()), abs=1e-6)
+
+
+@pytest.mark.timeout(300)
 def test_vit_quick(out):
     exp = run_experiment("vit", out_dir=out, quick=True)
     res, table = _load(exp)

@@ -170,6 +170,47 @@ def test_evaluation_with_groups_by_hand():
     assert res["worst_group_accuracy"] == 0.5
 
 
+def test_evaluation_leaves_unlabelled_images_out_of_accuracy_by_hand():
+    class Fixed(nn.Module):
+        def __init__(self, table):
+            super().__init__()
+            self.table = table
+
+        def forward(self, x):
+            return self.table[(x[:, 0, 0, 0] * 255).round().long()]
+
+    images = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(4, dtype=torch.uint8)
+    student = Fixed(torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 2.0], [3.0, 0.0, 1.0], [1.0, 0.0, 0.5]]))  # top-1: 0, 2, 0, 0
+    teacher = Fixed(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))  # 0, 2, 1, 1
+    # two of four images labelled: image 0 (label 0: student and teacher right), image 2 (label 1:
+    # student wrong, teacher right); images 1 and 3 carry -1, "no label"
+    mixed = InMemoryImageDataset(images=images, labels=torch.tensor([0, -1, 1, -1]), class_names=["a", "b", "c"],
+                                 groups=torch.tensor([0, 0, 1, 1]), group_names=["g0", "g1"])
+    res = evaluate(student, [mixed.batch(torch.arange(4))], teacher=teacher, group_names=mixed.group_names)
+    assert res["accuracy"] == 0.5 and res["teacher_accuracy"] == 1.0 and res["num_labelled"] == 2
+    assert res["agreement"] == 0.5  # over all four images: agree on 0 and 1
+    # with three classes the top-5 holds every class: 1.0 over the labelled images
+    assert res["top5"] == 1.0
+    assert res["group/g0/accuracy"] == 1.0 and res["group/g1/accuracy"] == 0.0 and res["group/g1/agreement"] == 0.0
+    assert res["group/g0/n"] == 2
+    # no labels at all: agreement only, no accuracy of any kind
+    none = InMemoryImageDataset(images=images, labels=torch.full((4,), -1), class_names=["a", "b", "c"])
+    res = evaluate(student, [none.batch(torch.arange(4))], teacher=teacher)
+    assert res["agreement"] == 0.5 and res["num_labelled"] == 0
+    assert not {"accuracy", "top5", "teacher_accuracy"} & set(res)
+
+
+def test_unlabelled_training_data_is_refused_where_labels_are_needed(tmp_path, monkeypatch):
+    monkeypatch.setenv("E2KD_CACHE", str(tmp_path / "cache"))
+    cfg = config_from_dict(base_config(tmp_path, "nolabels", **{
+        "data.name": "tuxobjects", "data.image_size": 16, "data.kwargs": {"counts": {"train": 4}, "renders": 1},
+        "data.eval_kwargs": {"renders": 1}, "data.eval_split": "val", "model.name": "tiny_test_net", "optim.max_steps": 1}))
+    with pytest.raises(ValueError, match="unlabelled images .label -1.*gt_weight=0"):
+        run(cfg, mode="teacher")
+    assert not (tmp_path / "nolabels" / "metrics.jsonl").exists()
+
+
 def test_explanation_similarity_of_a_model_with_itself_is_one():
     import e2kd
 

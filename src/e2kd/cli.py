@@ -140,13 +140,14 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("reproduce", arguments=_reproduce_arguments)
 def _reproduce(args) -> int:
-    """Reproduce a claim of the paper at CPU scale (fewshot, unrelated, waterbirds, multilabel, vit, frozen, all)."""
+    """Reproduce a claim of the paper at CPU scale (fewshot, unrelated, unrelated_photos, waterbirds, multilabel, vit, frozen, all)."""
     from .reproduce import available, run_experiment
 
     names = available()
     if args.experiment == "list":
+        width = max(map(len, names)) + 2
         for name, summary in names.items():
-            print(f"{name:<12}{summary}")
+            print(f"{name:<{width}}{summary}")
         return 0
     todo = list(names) if args.experiment == "all" else [args.experiment]
     seeds = None if args.seeds is None else list(range(args.seeds))

@@ -49,6 +49,7 @@ def _load_all() -> None:
         "unrelated",
         "tuxbirds",
         "tuxscenes",
+        "tuxobjects",
         "folders",
         "waterbirds",
         "voc",

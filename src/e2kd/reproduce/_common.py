@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 # Modules holding one experiment each; importing one registers it.
-_MODULES = ("fewshot", "unrelated", "waterbirds", "multilabel", "vit", "frozen")
+_MODULES = ("fewshot", "unrelated", "unrelated_photos", "waterbirds", "multilabel", "vit", "frozen")
 
 
 @dataclass

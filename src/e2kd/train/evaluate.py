@@ -3,7 +3,9 @@
 Every metric is accumulated as sums and counts, reduced over DDP ranks, then divided, so N
 processes report what one process reports. Metrics (fractions in [0, 1]):
 
-* ``accuracy`` / ``top5``: the label is the top-1 / among the top-5 logits (single-label);
+* ``accuracy`` / ``top5``: the label is the top-1 / among the top-5 logits (single-label;
+  over the labelled images: a label of -1 means "no label", and with no labelled image both
+  are absent and ``num_labelled`` says 0);
   for multi-label data ``accuracy`` is the share of images whose top-1 class is present and
   ``f1`` the micro-F1 of ``logit > 0``.
 * ``agreement``: the student's top-1 equals the teacher's top-1 (``teacher_accuracy`` too).
@@ -131,7 +133,10 @@ def evaluate(
                 add("_fn", (~pred & present).sum().item())
                 correct = present.gather(1, top1[:, None]).squeeze(1).float()
             else:
+                # a label of -1 means "no label" (e.g. tuxobjects): such images never count as
+                # correct and are left out of the accuracies' denominators
                 correct = (top1 == y).float()
+                add("_nlab", (y >= 0).sum().item())
                 add("_acc", correct.sum().item())
                 k = min(5, logits.shape[1])
                 add("_top5", (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).float().sum().item())
@@ -154,12 +159,20 @@ def evaluate(
                 for gi in range(len(group_names)):
                     sel = g == gi
                     add(f"_g{gi}_n", sel.sum().item())
+                    if not multilabel:
+                        add(f"_g{gi}_nlab", (sel & (y >= 0)).sum().item())
                     add(f"_g{gi}_acc", correct[sel].sum().item())
                     if agree is not None:
                         add(f"_g{gi}_agr", agree[sel].sum().item())
                         add(f"_g{gi}_tacc", t_correct[sel].sum().item())
             if meters and "mask" in batch:
                 from ..metrics import explain_present_classes
+
+                if not multilabel and bool((y < 0).any()):
+                    raise ValueError(
+                        "localisation scores explain each image's labelled class, but this evaluation split has "
+                        "unlabelled images (label -1); set eval.localisation=false for it"
+                    )
 
                 mask = batch["mask"].to(device)
                 for prefix, meter in meters.items():
@@ -177,15 +190,23 @@ def evaluate(
     n = sums["_n"]
     if n == 0:
         raise ValueError("evaluation saw no images: the evaluation split is empty")
-    res: Dict[str, float] = {"num_images": int(n), "accuracy": sums["_acc"] / n}
+    # single-label: accuracies over the labelled images only, and absent when none is labelled
+    n_lab = n if multilabel else sums["_nlab"]
+    res: Dict[str, float] = {"num_images": int(n)}
+    if n_lab > 0:
+        res["accuracy"] = sums["_acc"] / n_lab
     if multilabel:
         tp, fp, fn = sums["_tp"], sums["_fp"], sums["_fn"]
         res["f1"] = 2 * tp / max(2 * tp + fp + fn, 1.0)
     else:
-        res["top5"] = sums["_top5"] / n
+        if n_lab > 0:
+            res["top5"] = sums["_top5"] / n_lab
+        if n_lab < n:
+            res["num_labelled"] = int(n_lab)
     if "_agr" in sums:
         res["agreement"] = sums["_agr"] / n
-        res["teacher_accuracy"] = sums["_tacc"] / n
+        if n_lab > 0:
+            res["teacher_accuracy"] = sums["_tacc"] / n_lab
         if multilabel:
             ttp, tfp, tfn = sums["_ttp"], sums["_tfp"], sums["_tfn"]
             res["teacher_f1"] = 2 * ttp / max(2 * ttp + tfp + tfn, 1.0)
@@ -197,12 +218,16 @@ def evaluate(
             gn = sums.get(f"_g{gi}_n", 0.0)
             if gn == 0:
                 continue
-            acc = sums[f"_g{gi}_acc"] / gn
-            res[f"group/{name}/accuracy"] = acc
+            gl = sums.get(f"_g{gi}_nlab", gn)  # labelled images of the group
             res[f"group/{name}/n"] = int(gn)
             if f"_g{gi}_agr" in sums:
                 res[f"group/{name}/agreement"] = sums[f"_g{gi}_agr"] / gn
-                t_acc = sums[f"_g{gi}_tacc"] / gn
+            if gl == 0:
+                continue
+            acc = sums[f"_g{gi}_acc"] / gl
+            res[f"group/{name}/accuracy"] = acc
+            if f"_g{gi}_agr" in sums:
+                t_acc = sums[f"_g{gi}_tacc"] / gl
                 res[f"group/{name}/teacher_accuracy"] = t_acc
                 t_worst = t_acc if t_worst is None else min(t_worst, t_acc)
             worst = acc if worst is None else min(worst, acc)

@@ -309,6 +309,14 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     train_ds, eval_ds = data["train"], data["eval"]
     in_chans = int(train_ds.in_chans)
     multilabel = bool(cfg.distill.multilabel if cfg.distill.multilabel is not None else getattr(train_ds, "multilabel", False))
+    if (mode != "distill" or cfg.distill.gt_weight > 0) and not multilabel:
+        labels = getattr(train_ds, "labels", None)
+        if labels is not None and bool((labels < 0).any()):
+            use = "train-teacher" if mode != "distill" else "distill.gt_weight > 0"
+            raise ValueError(
+                f"{use} needs labels, but the training data {cfg.data.name!r} has unlabelled images (label -1); "
+                "distil from a teacher on it with distill.gt_weight=0"
+            )
 
     # ---- models ------------------------------------------------------------------------
     teacher = None
