@@ -10,9 +10,9 @@ class and the GradCAM cosine to the teacher's map (``explanation_similarity``).
 
 The teacher runs once over the distillation images (``e2kd freeze``, the frozen-explanation
 store; horizontal flips move the stored maps with the images), and KD and e²KD students read
-the same store, so the two differ only in the explanation term. λ and T are fixed (1 and 1,
-the paper's GradCAM setting), never chosen on test; ``val`` (other natural objects) is scored
-too.
+the same store, so the two differ only in the explanation term. λ = 1 and T = 1 are fixed
+beforehand (both from the paper's grids), never chosen on test; ``val`` (other natural
+objects, none of them in test) is scored too, for choosing them on it.
 """
 
 from __future__ import annotations
