@@ -62,7 +62,9 @@ class InMemoryImageDataset(torch.utils.data.Dataset):
     Parameters
     ----------
     images : uint8 tensor (N, C, H, W)
-    labels : long tensor (N,), or float tensor (N, num_classes) multi-hot when ``multilabel``
+    labels : long tensor (N,), or float tensor (N, num_classes) multi-hot when ``multilabel``;
+        a single label of -1 means "no label" (distillation data: evaluation reports agreement
+        for such images and leaves them out of accuracy; training on labels refuses them)
     class_names : sequence of str, length num_classes
     masks : uint8 tensor (N, K, H, W) with values {0, 1}, optional
     groups : long tensor (N,), optional; needs ``group_names``
