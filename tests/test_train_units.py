@@ -141,25 +141,31 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         torch.testing.assert_close(acc[k], v, atol=1e-6, rtol=1e-5)
 
 
+class _Fixed(nn.Module):
+    """Logits chosen per image index (stored in pixel [0, 0])."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x):
+        return self.table[(x[:, 0, 0, 0] * 255).round().long()]
+
+
+def _indexed_images(n: int) -> torch.Tensor:
+    images = torch.zeros(n, 1, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    return images
+
+
 def test_evaluation_with_groups_by_hand():
-    class Fixed(nn.Module):
-        """Logits chosen per image index (stored in pixel [0, 0])."""
-
-        def __init__(self, table):
-            super().__init__()
-            self.table = table
-
-        def forward(self, x):
-            return self.table[(x[:, 0, 0, 0] * 255).round().long()]
-
-    images = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
-    images[:, 0, 0, 0] = torch.arange(4, dtype=torch.uint8)
+    images = _indexed_images(4)
     ds = InMemoryImageDataset(
         images=images, labels=torch.tensor([0, 1, 1, 0]), class_names=["x", "y"],
         groups=torch.tensor([0, 0, 1, 1]), group_names=["g0", "g1"],
     )
-    student = Fixed(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [1.0, 0.0]]))  # predicts 0, 1, 0, 0
-    teacher = Fixed(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]))  # predicts 0, 1, 1, 1
+    student = _Fixed(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [1.0, 0.0]]))  # predicts 0, 1, 0, 0
+    teacher = _Fixed(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]))  # predicts 0, 1, 1, 1
     batches = [ds.batch(torch.tensor([0, 1])), ds.batch(torch.tensor([2, 3]))]
     res = evaluate(student, batches, teacher=teacher, group_names=ds.group_names)
     # correct: 1, 1, 0, 1; agree: 1, 1, 0, 0; teacher correct: 1, 1, 1, 0
@@ -171,18 +177,9 @@ def test_evaluation_with_groups_by_hand():
 
 
 def test_evaluation_leaves_unlabelled_images_out_of_accuracy_by_hand():
-    class Fixed(nn.Module):
-        def __init__(self, table):
-            super().__init__()
-            self.table = table
-
-        def forward(self, x):
-            return self.table[(x[:, 0, 0, 0] * 255).round().long()]
-
-    images = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
-    images[:, 0, 0, 0] = torch.arange(4, dtype=torch.uint8)
-    student = Fixed(torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 2.0], [3.0, 0.0, 1.0], [1.0, 0.0, 0.5]]))  # top-1: 0, 2, 0, 0
-    teacher = Fixed(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))  # 0, 2, 1, 1
+    images = _indexed_images(4)
+    student = _Fixed(torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 2.0], [3.0, 0.0, 1.0], [1.0, 0.0, 0.5]]))  # top-1: 0, 2, 0, 0
+    teacher = _Fixed(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))  # 0, 2, 1, 1
     # two of four images labelled: image 0 (label 0: student and teacher right), image 2 (label 1:
     # student wrong, teacher right); images 1 and 3 carry -1, "no label"
     mixed = InMemoryImageDataset(images=images, labels=torch.tensor([0, -1, 1, -1]), class_names=["a", "b", "c"],
