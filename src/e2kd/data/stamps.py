@@ -32,6 +32,7 @@ __all__ = [
     "load_texture",
     "texture_canvas",
     "paste",
+    "paste_at_random",
 ]
 
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
@@ -255,3 +256,19 @@ def paste(
     region[:, win_in] = win_col[:, win_in] / 255.0
     mask[y0:y1, x0:x1] = win_in
     return canvas, mask
+
+
+def paste_at_random(
+    canvas: torch.Tensor, stamp: Stamp, rng: np.random.Generator, frac: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paste` ``stamp`` with its longer side a uniform draw from ``frac`` (fractions of the
+    canvas side), at a uniformly drawn position that keeps it inside the canvas, flipped with
+    probability 1/2; the draws are taken from ``rng`` in that order. Returns (canvas, mask)."""
+    size = canvas.shape[-1]
+    h0, w0 = stamp.rgba.shape[-2:]
+    f = rng.uniform(*frac)
+    height = max(4, round(f * size * min(1.0, h0 / w0)))
+    width = max(1, round(w0 * height / h0))
+    top = int(rng.integers(0, max(1, size - height + 1)))
+    left = int(rng.integers(0, max(1, size - width + 1)))
+    return paste(canvas, stamp, height=height, top=top, left=left, flip=bool(rng.integers(2)))

@@ -31,7 +31,7 @@ import torch
 from ._registry import register_dataset
 from .base import InMemoryImageDataset, square_size
 from .cache import cached_generate
-from .stamps import load_stamp, load_texture, paste, stamp_paths, texture_canvas
+from .stamps import load_stamp, load_texture, paste_at_random, stamp_paths, texture_canvas
 
 __all__ = ["WATER_BIRDS", "WATER_TEXTURES", "LAND_TEXTURES", "GENERATOR_VERSION", "generate_tuxbirds", "load_tuxbirds", "render_tuxbirds_image", "bird_split"]
 
@@ -86,14 +86,7 @@ def _one_image(i, split, birds_by_y, size, seed, keep_background=False):
     background = canvas.clone() if keep_background else None
     pool = birds_by_y[y]
     ident, path = pool[int(rng.integers(len(pool)))]
-    stamp = load_stamp(path)
-    h0, w0 = stamp.rgba.shape[-2:]
-    frac = rng.uniform(0.45, 0.8)
-    height = max(4, round(frac * size * min(1.0, h0 / w0)))  # longer side = frac * size
-    width = round(w0 * height / h0)
-    top = int(rng.integers(0, max(1, size - height + 1)))
-    left = int(rng.integers(0, max(1, size - width + 1)))
-    canvas, mask = paste(canvas, stamp, height=height, top=top, left=left, flip=bool(rng.integers(2)))
+    canvas, mask = paste_at_random(canvas, load_stamp(path), rng, (0.45, 0.8))
     if keep_background:
         return canvas, mask, y, 2 * y + place, ident, background
     return canvas, mask, y, 2 * y + place, ident

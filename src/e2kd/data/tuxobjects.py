@@ -31,7 +31,7 @@ import torch
 from ._registry import register_dataset
 from .base import InMemoryImageDataset, square_size
 from .cache import cached_generate
-from .stamps import STAMPS_DIR, STAMPS_HINT, load_stamp, load_texture, paste, texture_canvas
+from .stamps import STAMPS_DIR, STAMPS_HINT, load_stamp, load_texture, paste_at_random, texture_canvas
 from .tuxbirds import LAND_TEXTURES, WATER_TEXTURES
 
 __all__ = ["NATURAL_FOLDERS", "GENERATOR_VERSION", "load_tuxobjects", "object_split", "imagenet_class_names"]
@@ -83,14 +83,7 @@ def _render(i: int, split: str, stamp_path: str, size: int, seed: int):
     rng = np.random.Generator(np.random.PCG64([int(seed), 100 + _SPLIT_ID[split], int(i)]))
     tex = load_texture(TEXTURES[int(rng.integers(len(TEXTURES)))], size / 128)
     canvas = (texture_canvas(tex, size, rng) * 255).round_().div_(255)
-    stamp = load_stamp(str(STAMPS_DIR / stamp_path))
-    h0, w0 = stamp.rgba.shape[-2:]
-    frac = rng.uniform(0.5, 0.85)
-    height = max(4, round(frac * size * min(1.0, h0 / w0)))  # the longer side is frac * size
-    width = max(1, round(w0 * height / h0))
-    top = int(rng.integers(0, max(1, size - height + 1)))
-    left = int(rng.integers(0, max(1, size - width + 1)))
-    return paste(canvas, stamp, height=height, top=top, left=left, flip=bool(rng.integers(2)))
+    return paste_at_random(canvas, load_stamp(str(STAMPS_DIR / stamp_path)), rng, (0.5, 0.85))
 
 
 def _sources(split: str, paths: list[str], count: int, seed: int) -> list[int]:
