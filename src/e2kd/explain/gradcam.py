@@ -107,7 +107,10 @@ class GradCAM(Explainer):
                 raise ValueError(f"GradCAM: layer {layer_name!r} ran twice in one forward pass; choose a layer used once")
             if not torch.is_tensor(out) or out.dim() != 4:
                 shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-                raise ValueError(f"GradCAM: layer {layer_name!r} must output (B, K, h, w) activations, got {shape}")
+                raise ValueError(
+                    f"GradCAM: layer {layer_name!r} must output (B, K, h, w) activations, got {shape}; GradCAM needs a "
+                    "convolutional feature map (explain a transformer with 'gradient', 'inputxgradient' or B-cos)"
+                )
             if not create_graph or not out.requires_grad:
                 # Start a fresh graph here: nothing below the layer is recorded. The leaf is
                 # copied once, so that a model which goes on in place (torchvision's DenseNet:
