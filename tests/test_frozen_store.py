@@ -80,6 +80,20 @@ def test_teacher_fingerprint_of_file_and_state_dict(tmp_path):
     assert teacher_fingerprint(tmp_path / "a.safetensors") == "file-sha256:" + expected
 
 
+def test_teacher_fingerprint_sees_the_input_standardisation():
+    from e2kd.models import create_model
+
+    torch.manual_seed(0)
+    imagenet = create_model("resnet18", num_classes=3)
+    same = create_model("resnet18", num_classes=3)
+    same.load_state_dict(imagenet.state_dict())
+    raw = create_model("resnet18", num_classes=3, input_norm="none")
+    raw.load_state_dict(imagenet.state_dict())
+    # identical state dicts (the statistics are not in them), but not the same teacher
+    assert teacher_fingerprint(imagenet.state_dict()) == teacher_fingerprint(raw)
+    assert teacher_fingerprint(imagenet) == teacher_fingerprint(same) != teacher_fingerprint(raw)
+
+
 def test_store_of_another_teacher_is_refused_naming_both_ids(built):
     _, teacher, path, _ = built
     other = teacher_fingerprint(tiny_resnet(seed=5))

@@ -76,16 +76,20 @@ def teacher_fingerprint(teacher: Union[nn.Module, Mapping[str, torch.Tensor], st
     A path gives ``"file-sha256:<hex>"`` (sha256 of the weights file's bytes); a module or a
     state dict gives ``"state-sha256:<hex>"``, the sha256 over the sorted state-dict entries
     (name, dtype, shape and raw bytes of each tensor), so the same weights loaded from any file
-    format have the same identity. Use the same kind on both sides (freeze and distill): the
-    two kinds never compare equal.
+    format have the same identity. A module's buffers outside its state dict (the input
+    standardisation of torchvision and timm models, :mod:`e2kd.models.inputs`) are hashed too:
+    the same weights fed differently scaled images are another teacher. Use the same kind on
+    both sides (freeze and distill): the two kinds never compare equal.
     """
     if isinstance(teacher, (str, os.PathLike)):
         path = Path(teacher)
         if not path.is_file():
             raise FileNotFoundError(f"teacher weights file {str(path)!r} does not exist")
         return "file-sha256:" + sha256_file(path)
+    extra: dict = {}
     if isinstance(teacher, nn.Module):
         state = teacher.state_dict()
+        extra = {name: buf for name, buf in teacher.named_buffers() if name not in state}
     elif isinstance(teacher, Mapping):
         state = teacher
     else:
@@ -99,6 +103,8 @@ def teacher_fingerprint(teacher: Union[nn.Module, Mapping[str, torch.Tensor], st
             _hash_tensor(h, name, value)
         else:
             h.update(f"{name}|{value!r}|".encode())
+    for name in sorted(extra):
+        _hash_tensor(h, f"non-persistent:{name}", extra[name])
     return "state-sha256:" + h.hexdigest()
 
 
