@@ -19,12 +19,15 @@ import torch
 
 from ..data.transforms import warp
 from .config import Augment
+from .randaugment import check_magnitude, draw_ops, geometric_matrix, photometric
 
 __all__ = ["augment_batch", "MIRRORED", "check_mirrored"]
 
 # Augmentations whose every random draw is a geometric map that can be applied to an
 # explanation map as well as to the image (frozen distillation needs exactly these).
-MIRRORED = frozenset({Augment.none, Augment.flip, Augment.crop_flip, Augment.rrc_flip})
+# RandAugment qualifies: its geometric ops move the maps and its photometric ops touch the
+# image only, as the paper's frozen recipe asks.
+MIRRORED = frozenset({Augment.none, Augment.flip, Augment.crop_flip, Augment.rrc_flip, Augment.rrc_flip_randaug})
 MAP_KEY = "teacher_maps"
 
 
@@ -56,14 +59,16 @@ def _affine(batch: Dict[str, torch.Tensor], theta: torch.Tensor) -> Dict[str, to
 
 
 def augment_batch(
-    batch: Dict[str, torch.Tensor], kind: Augment, *, seed: int, step: int, offset: int = 0, global_batch: Optional[int] = None
+    batch: Dict[str, torch.Tensor], kind: Augment, *, seed: int, step: int, offset: int = 0, global_batch: Optional[int] = None,
+    randaug_ops: int = 2, randaug_magnitude: int = 9,
 ) -> Dict[str, torch.Tensor]:
     """Augment ``batch`` (images (B, C, H, W) in [0, 1], optional masks (B, K, H, W) and
     stored teacher maps ``teacher_maps`` (B, K, h, w)) for training step ``step``.
 
     ``offset`` and ``global_batch`` select this rank's rows of the draws made for the whole
     global batch. A batch with ``teacher_maps`` is refused (ValueError) for an augmentation
-    outside :data:`MIRRORED`.
+    outside :data:`MIRRORED`. ``randaug_ops`` / ``randaug_magnitude``: RandAugment's settings
+    for ``rrc_flip_randaug``.
     """
     if batch.get(MAP_KEY) is not None:
         check_mirrored(kind)
@@ -85,7 +90,7 @@ def augment_batch(
         dx = torch.randint(-pw, pw + 1, (n,), generator=g).float() * 2.0 / w
         theta[:, 0, 2] = dx
         theta[:, 1, 2] = dy
-    elif kind == Augment.rrc_flip:
+    elif kind in (Augment.rrc_flip, Augment.rrc_flip_randaug):
         area = torch.empty(n).uniform_(0.08, 1.0, generator=g)
         log_r = torch.empty(n).uniform_(torch.log(torch.tensor(3 / 4)).item(), torch.log(torch.tensor(4 / 3)).item(), generator=g)
         ratio = torch.exp(log_r)
@@ -95,6 +100,15 @@ def augment_batch(
         cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - sh)
         theta[:, 0, 0], theta[:, 1, 1] = sw, sh
         theta[:, 0, 2], theta[:, 1, 2] = cx, cy
+    ops = signs = None
+    if kind == Augment.rrc_flip_randaug:
+        check_magnitude(randaug_ops, randaug_magnitude)
+        h, w = batch["image"].shape[-2:]
+        ops, signs = draw_ops(n, randaug_ops, g)
+        # RandAugment acts on the crop: output -> crop (its geometric ops) -> input (the crop)
+        full = torch.cat([theta, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(n, 1, 3)], dim=1)
+        theta = (full @ geometric_matrix(ops, signs, randaug_magnitude, h, w))[:, :2]
+        ops, signs = ops[offset : offset + b], signs[offset : offset + b]
     theta = theta[offset : offset + b]
     if kind != Augment.flip:
         batch = _affine(batch, theta)
@@ -104,4 +118,6 @@ def augment_batch(
         if out.get(key) is not None:
             t = out[key]
             out[key] = torch.where(fl[:, None, None, None], t.flip(-1), t)
+    if ops is not None:  # photometric ops: the image only
+        out["image"] = photometric(out["image"], ops, signs, randaug_magnitude)
     return out

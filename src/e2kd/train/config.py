@@ -62,13 +62,16 @@ class Augment(str, Enum):
 
     ``none``; ``flip`` (horizontal flip, p=0.5); ``crop_flip`` (pad by 1/8 of the side, random
     crop back, flip: the CIFAR recipe); ``rrc_flip`` (random resized crop, scale 0.08–1,
-    ratio 3/4–4/3, resampled bilinearly to the input size, then flip: the ImageNet recipe).
+    ratio 3/4–4/3, resampled bilinearly to the input size, then flip: the ImageNet recipe);
+    ``rrc_flip_randaug`` (``rrc_flip`` plus RandAugment with ``data.randaug_ops`` ops of
+    magnitude ``data.randaug_magnitude``: the ViT recipe; :mod:`e2kd.train.randaugment`).
     """
 
     none = "none"
     flip = "flip"
     crop_flip = "crop_flip"
     rrc_flip = "rrc_flip"
+    rrc_flip_randaug = "rrc_flip_randaug"
 
 
 @dataclass
@@ -88,6 +91,8 @@ class DataConfig:
     eval_name: Optional[str] = None  # "distil on A, evaluate on B": B's dataset name
     eval_root: Optional[str] = None
     augment: Augment = Augment.flip
+    randaug_ops: int = 2  # RandAugment ops per image (augment=rrc_flip_randaug)
+    randaug_magnitude: int = 9  # of torchvision's 31 bins (0..30)
     in_memory: Optional[bool] = None  # None: stack small datasets into tensors once
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra build_dataset arguments
     eval_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -349,6 +354,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         (cfg.malloc_top_pad_mib is None or 0 <= cfg.malloc_top_pad_mib <= 2047,
          f"malloc_top_pad_mib must be between 0 and 2047 (MiB) or null, got {cfg.malloc_top_pad_mib}"),
         (cfg.data.shots is None or cfg.data.shots >= 1, f"data.shots must be >= 1, got {cfg.data.shots}"),
+        (cfg.data.randaug_ops >= 1, f"data.randaug_ops must be >= 1, got {cfg.data.randaug_ops}"),
+        (0 <= cfg.data.randaug_magnitude <= 30, f"data.randaug_magnitude must be in 0..30 (torchvision's bins), got {cfg.data.randaug_magnitude}"),
         (cfg.data.val_per_class >= 0, f"data.val_per_class must be >= 0, got {cfg.data.val_per_class}"),
         (cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit must be >= 1, got {cfg.data.limit}"),
         (bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),

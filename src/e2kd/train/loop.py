@@ -549,6 +549,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
                     batch = augment_batch(
                         batch, cfg.data.augment, seed=cfg.seed, step=stream.position - 1,
                         offset=info.rank * stream.local, global_batch=cfg.optim.batch_size,
+                        randaug_ops=cfg.data.randaug_ops, randaug_magnitude=cfg.data.randaug_magnitude,
                     )
                 data_time += time.time() - td
                 sync = net.no_sync() if info.enabled and micro < accum - 1 else nullcontext()
