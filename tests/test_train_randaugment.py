@@ -170,3 +170,30 @@ def test_trainer_applies_randaugment_with_its_settings(tmp_path):
     assert same  # reproducible
     for other in ("m20", "plain"):  # the magnitude reaches the trainer's augmentation, and RandAugment is applied
         assert not all(torch.equal(weights["m9"][k], weights[other][k]) for k in weights["m9"]), other
+
+
+def test_randaugment_follows_the_crop_and_the_flip(monkeypatch):
+    # torchvision's order: random resized crop, flip, then RandAugment on the flipped crop
+    img = _smooth_image().repeat(8, 1, 1, 1)
+    batch = {"image": img}
+    crop_flip = augment_batch(batch, Augment.rrc_flip, seed=1, step=4)  # the same crop and flip draws
+    fixed = (torch.full((8, 1), OPS.index("shear_x")), torch.ones(8, 1))
+    monkeypatch.setattr(augment_module, "draw_ops", lambda n, k, g: (fixed[0][:n], fixed[1][:n]))
+    monkeypatch.setattr(augment_module, "photometric", lambda im, *a, **k: im)
+    ours = augment_batch(batch, Augment.rrc_flip_randaug, seed=1, step=4, randaug_magnitude=15)
+    shear = math.degrees(math.atan(0.15))
+    expect = TF.affine(crop_flip["image"], angle=0.0, translate=[0, 0], scale=1.0, shear=[shear, 0.0], interpolation=BILINEAR,
+                       center=[0, 0])
+    wrong_order = TF.affine(augment_batch(batch, Augment.rrc_flip, seed=1, step=4)["image"].flip(-1), angle=0.0,
+                            translate=[0, 0], scale=1.0, shear=[shear, 0.0], interpolation=BILINEAR, center=[0, 0]).flip(-1)
+    # where torchvision's sheared crop is wholly inside / outside the crop (its bilinear edge,
+    # which blends with the black fill, is left out)
+    coverage = TF.affine(torch.ones_like(img), angle=0.0, translate=[0, 0], scale=1.0, shear=[shear, 0.0],
+                         interpolation=BILINEAR, center=[0, 0])
+    inside, outside = coverage > 1 - 1e-6, coverage < 1e-6
+    assert inside.float().mean() > 0.8 and outside.any()
+    err = ((ours["image"] - expect).abs() * inside).amax(dim=(1, 2, 3))
+    err_wrong = ((ours["image"] - wrong_order).abs() * inside).amax(dim=(1, 2, 3))
+    assert torch.all(err < 0.02), err  # one resampling against two: small differences only
+    assert torch.all(ours["image"][outside] == 0)  # the fill is black, as torchvision's
+    assert torch.any(err_wrong > 0.1), err_wrong  # shearing before the flip is another image

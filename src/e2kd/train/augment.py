@@ -77,7 +77,8 @@ def augment_batch(
     b = batch["image"].shape[0]
     n = global_batch or b
     g = _generator(seed, step)
-    flip = (torch.rand(n, generator=g) < 0.5)[offset : offset + b]
+    flip_all = torch.rand(n, generator=g) < 0.5
+    flip = flip_all[offset : offset + b]
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = 1.0
     theta[:, 1, 1] = 1.0
@@ -105,10 +106,15 @@ def augment_batch(
         check_magnitude(randaug_ops, randaug_magnitude)
         h, w = batch["image"].shape[-2:]
         ops, signs = draw_ops(n, randaug_ops, g)
-        # RandAugment acts on the crop: output -> crop (its geometric ops) -> input (the crop)
+        # torchvision's order: crop, flip, then RandAugment on the flipped crop. As maps from
+        # output to input coordinates: RandAugment's geometry, then the flip, then the crop.
         full = torch.cat([theta, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(n, 1, 3)], dim=1)
-        theta = (full @ geometric_matrix(ops, signs, randaug_magnitude, h, w))[:, :2]
-        ops, signs = ops[offset : offset + b], signs[offset : offset + b]
+        mirror = torch.eye(3).repeat(n, 1, 1)
+        mirror[flip_all, 0, 0] = -1.0
+        geometry = geometric_matrix(ops, signs, randaug_magnitude, h, w)
+        theta = (full @ mirror @ geometry)[:, :2]
+        ops, signs, geometry = ops[offset : offset + b], signs[offset : offset + b], geometry[offset : offset + b]
+        flip = torch.zeros_like(flip)  # already in theta
     theta = theta[offset : offset + b]
     if kind != Augment.flip:
         batch = _affine(batch, theta)
@@ -118,6 +124,18 @@ def augment_batch(
         if out.get(key) is not None:
             t = out[key]
             out[key] = torch.where(fl[:, None, None, None], t.flip(-1), t)
-    if ops is not None:  # photometric ops: the image only
-        out["image"] = photometric(out["image"], ops, signs, randaug_magnitude)
+    if ops is not None:
+        # as torchvision: what RandAugment's geometry brings in from outside the crop is black
+        # (no evidence, for a stored map), although the one warp could read the image there
+        for key in ("image", "mask", MAP_KEY):
+            if out.get(key) is not None:
+                out[key] = out[key] * _inside(geometry, out[key]).to(out[key].dtype)
+        out["image"] = photometric(out["image"], ops, signs, randaug_magnitude)  # the image only
     return out
+
+
+def _inside(geometry: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w): whether each output pixel of ``x``'s size reads a point inside the crop
+    under the output-to-crop maps ``geometry`` (B, 3, 3)."""
+    grid = torch.nn.functional.affine_grid(geometry[:, :2].to(x.device), [x.shape[0], 1, *x.shape[-2:]], align_corners=False)
+    return (grid.abs() <= 1.0).all(dim=-1).unsqueeze(1)

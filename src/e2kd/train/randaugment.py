@@ -8,10 +8,12 @@ torchvision's transform image by image:
 
 - the draws come from the trainer's ``(seed, step)`` generator, so a resumed or data-parallel
   run sees exactly the augmentations of one uninterrupted process;
-- the geometric ops (shear, translate, rotate) are composed with the random resized crop into
-  one affine map applied once (one resampling), before the photometric ops. That map also
-  moves masks and, in frozen distillation, the teacher's stored explanation maps; the
-  photometric ops touch the image only.
+- the geometric ops (shear, translate, rotate) are composed with the random resized crop and
+  the flip into one affine map applied once (one bilinear resampling instead of torchvision's
+  nearest-neighbour resampling per op), in torchvision's order (crop, flip, RandAugment), before
+  the photometric ops; what they bring in from outside the crop is black, as in torchvision.
+  That map also moves masks and, in frozen distillation, the teacher's stored explanation maps;
+  the photometric ops touch the image only.
 
 The photometric ops follow torchvision's definitions for float images in [0, 1]
 (``transforms.v2.functional``), applied to each image's own magnitude.
