@@ -533,3 +533,12 @@ def test_bcos_conv_benchmark_compares_dispatch_and_backward_modes():
             if line.startswith("| KD |") or line.startswith("| live")]
     assert [(r[0], r[1]) for r in rows] == [(k, m) for k in ("KD", "live e²KD") for m in ("unpruned", "first_order", "default")]
     assert float(rows[0][4]) == 1.0 and float(rows[3][4]) == 1.0  # each step against itself in the first mode
+
+
+def test_augment_benchmark_times_every_kind_against_rrc_flip():
+    cmd = [sys.executable, "-m", "benchmarks.augment", "--size", "16", "--batch", "2", "--rounds", "2"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [r[0].strip() for r in rows] == ["flip", "crop_flip", "rrc_flip", "rrc_flip_randaug"]
+    assert float(rows[2][2]) == 1.0 and all(float(r[1]) > 0 for r in rows)
