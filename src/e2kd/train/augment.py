@@ -121,21 +121,30 @@ def augment_batch(
     out = dict(batch)
     fl = flip.to(batch["image"].device)
     for key in ("image", "mask", MAP_KEY):
-        if out.get(key) is not None:
+        if out.get(key) is not None and bool(flip.any()):
             t = out[key]
             out[key] = torch.where(fl[:, None, None, None], t.flip(-1), t)
     if ops is not None:
         # as torchvision: what RandAugment's geometry brings in from outside the crop is black
         # (no evidence, for a stored map), although the one warp could read the image there
+        inside: Dict[tuple, torch.Tensor] = {}  # one mask per resolution
         for key in ("image", "mask", MAP_KEY):
             if out.get(key) is not None:
-                out[key] = out[key] * _inside(geometry, out[key]).to(out[key].dtype)
+                size = tuple(out[key].shape[-2:])
+                if size not in inside:
+                    inside[size] = _inside(geometry, out[key])
+                out[key] = out[key] * inside[size].to(out[key].dtype)
         out["image"] = photometric(out["image"], ops, signs, randaug_magnitude)  # the image only
     return out
 
 
 def _inside(geometry: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B, 1, h, w): whether each output pixel of ``x``'s size reads a point inside the crop
-    under the output-to-crop maps ``geometry`` (B, 3, 3)."""
-    grid = torch.nn.functional.affine_grid(geometry[:, :2].to(x.device), [x.shape[0], 1, *x.shape[-2:]], align_corners=False)
-    return (grid.abs() <= 1.0).all(dim=-1).unsqueeze(1)
+    under the output-to-crop maps ``geometry`` (B, 3, 3) (pixel centres as ``affine_grid``
+    with ``align_corners=False`` places them; by broadcasting, no grid is built)."""
+    h, w = x.shape[-2:]
+    g = geometry.to(x.device, torch.float32)[:, :2, :, None, None]  # (B, 2, 3, 1, 1)
+    xs = ((torch.arange(w, device=x.device, dtype=torch.float32) * 2 + 1) / w - 1).view(1, w)
+    ys = ((torch.arange(h, device=x.device, dtype=torch.float32) * 2 + 1) / h - 1).view(h, 1)
+    coords = g[:, :, 0] * xs + g[:, :, 1] * ys + g[:, :, 2]  # (B, 2, h, w)
+    return (coords.abs() <= 1.0).all(dim=1, keepdim=True)
