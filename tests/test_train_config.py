@@ -55,6 +55,24 @@ def test_overrides_are_typed():
     assert cfg.data.kwargs == {"a": 1}
 
 
+def test_a_mapping_override_replaces_free_form_arguments_but_merges_into_sections():
+    values = {"model": {"name": "resnet8_small", "kwargs": {"width": 16, "input_norm": {"mean": [0.1], "std": [0.2]}}},
+              "optim": {"batch_size": 7}}
+    # switching models: the old model's arguments must not follow
+    assert config_from_dict(values, ["model.name=timm/resnet10t", "model.kwargs={}"]).model.kwargs == {}
+    assert config_from_dict(values, ["model.kwargs={depth: 2}"]).model.kwargs == {"depth": 2}
+    # a dotted key into the mapping still adds or changes one argument
+    assert config_from_dict(values, ["model.kwargs.depth=2"]).model.kwargs == {
+        "width": 16, "depth": 2, "input_norm": {"mean": [0.1], "std": [0.2]}}
+    nested = config_from_dict(values, ["model.kwargs.input_norm={mean: [0.3]}"]).model.kwargs
+    assert nested == {"width": 16, "input_norm": {"mean": [0.3]}}
+    # a typed section is merged: the keys not named keep their values
+    cfg = config_from_dict(values, ["optim={lr: 0.5}"])
+    assert (cfg.optim.lr, cfg.optim.batch_size) == (0.5, 7)
+    with pytest.raises(ValueError, match="optim.lrr"):
+        config_from_dict(values, ["optim={lrr: 0.5}"])
+
+
 @pytest.mark.parametrize(
     "values, overrides, message",
     [

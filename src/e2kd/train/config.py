@@ -1,7 +1,9 @@
 """Typed experiment configuration: dataclasses checked by OmegaConf, YAML files hold values only.
 
 ``load_config(path, overrides)`` reads a YAML file with a safe loader, merges dotted overrides
-(``distill.lam=5 seed=2``) and validates everything against :class:`ExperimentConfig`: an
+(``distill.lam=5 seed=2``; a mapping given to a free-form mapping key such as
+``model.kwargs={}`` replaces it, so that switching models need not inherit the old model's
+arguments) and validates everything against :class:`ExperimentConfig`: an
 unknown key is an error that names it and suggests the closest valid key, an ill-typed value
 is an error that names the key and the expected type. Interpolations (``${...}``) are refused,
 so no config value is ever resolved or evaluated.
@@ -278,6 +280,18 @@ def _refuse_interpolations(obj: Any, where: str, key: str = "") -> None:
 
 def parse_override(text: str) -> Dict[str, Any]:
     """``"distill.lam=5"`` -> ``{"distill": {"lam": 5}}`` (the value read as a YAML scalar)."""
+    key, parsed = split_override(text)
+    out: Dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = parsed
+    return out
+
+
+def split_override(text: str) -> tuple:
+    """``"distill.lam=5"`` -> ``("distill.lam", 5)``: the dotted key and its YAML value."""
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like key=value (for example distill.lam=5)")
     key, value = text.split("=", 1)
@@ -291,13 +305,13 @@ def parse_override(text: str) -> Dict[str, Any]:
             f"override {text!r}: the value is not a plain YAML value ({str(err).splitlines()[0]}); "
             "overrides hold plain values only (numbers, strings, lists, mappings)"
         ) from None
-    out: Dict[str, Any] = {}
-    node = out
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = parsed
-    return out
+    return key, parsed
+
+
+def _is_free_mapping(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` names a ``Dict[str, Any]`` field (``model.kwargs``), not a typed section."""
+    node = OmegaConf.select(cfg, key, default=None)
+    return isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
 
 
 def config_from_dict(values: Optional[dict] = None, overrides: Sequence[str] = (), where: str = "the config") -> ExperimentConfig:
@@ -311,6 +325,13 @@ def config_from_dict(values: Optional[dict] = None, overrides: Sequence[str] = (
     for text in overrides:
         patch = parse_override(text)
         _refuse_interpolations(patch, f"override {text!r}")
+        key, value = split_override(text)
+        if isinstance(value, dict) and _is_free_mapping(cfg, key):
+            try:
+                OmegaConf.update(cfg, key, value, merge=False)  # replace, not merge
+            except OmegaConfBaseException as err:
+                raise ValueError(f"invalid value in override {text!r}: {str(err).splitlines()[0]}") from None
+            continue
         cfg = _merge(cfg, patch, f"override {text!r}")
     obj = OmegaConf.to_object(cfg)
     _check_values(obj)
