@@ -47,3 +47,23 @@ def test_missing_files_are_errors(tmp_path, capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "train-teacher" in capsys.readouterr().out
+
+
+def test_list_prints_the_names_each_registry_accepts(capsys):
+    from e2kd.data import list_datasets
+    from e2kd.models import create_model, list_models
+
+    assert main(["list", "models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[: len(list_models())] == list_models() and "resnet18" in lines and lines[-1].startswith("timm/<architecture>")
+    assert main(["list", "models", "timm/test_res"]) == 0
+    timm_names = capsys.readouterr().out.split()
+    assert "timm/test_resnet" in timm_names and all(n.startswith("timm/test_res") for n in timm_names)
+    create_model(timm_names[0], num_classes=2)  # a listed name builds
+    assert main(["list", "explainers"]) == 0
+    assert capsys.readouterr().out.split() == ["bcos", "gradcam", "gradient", "inputxgradient"]
+    assert main(["list", "datasets", "tux"]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == [n for n in list_datasets() if "tux" in n] and "tuxobjects" in out
+    assert main(["list", "models", "zzz"]) == 2
+    assert "no models match 'zzz'" in capsys.readouterr().err

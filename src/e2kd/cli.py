@@ -131,6 +131,39 @@ def _demo(args) -> int:
     return 0
 
 
+def _list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=("models", "explainers", "datasets"), help="what to list")
+    parser.add_argument("pattern", nargs="?", default="",
+                        help="only names containing it; for models, 'timm/...' lists timm's architectures")
+
+
+@command("list", arguments=_list_arguments)
+def _list(args) -> int:
+    """List the registered models, explainers or datasets (names for model.name, distill.explainer, data.name)."""
+    pattern = args.pattern
+    if args.kind == "models" and pattern.startswith("timm/"):
+        from .models.timm_models import TIMM_PREFIX, _timm
+
+        names = [TIMM_PREFIX + n for n in _timm().list_models(f"*{pattern[len(TIMM_PREFIX):]}*")]
+    elif args.kind == "models":
+        from .models import list_models
+
+        names = list_models(pattern) + ([] if pattern else ["timm/<architecture>  (any timm model: e2kd list models timm/)"])
+    elif args.kind == "explainers":
+        import e2kd.bcos  # noqa: F401  (registers the B-cos explainer)
+        from .explain.base import available
+
+        names = [n for n in available() if pattern in n]
+    else:
+        from .data import list_datasets
+
+        names = [n for n in list_datasets() if pattern in n]
+    if not names:
+        raise ValueError(f"no {args.kind} match {pattern!r}")
+    print("\n".join(names))
+    return 0
+
+
 def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="an experiment name (see `e2kd reproduce list`), `all`, or `list`")
     parser.add_argument("--quick", action="store_true", help="the small size that CI runs (one seed)")
