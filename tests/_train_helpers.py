@@ -9,6 +9,7 @@ from e2kd.bcos.layers import BcosConv2d, InputEncoding, LogitBias
 from e2kd.bcos.models import BcosModel
 from e2kd.models import register_model
 from e2kd.models._registry import _MODELS
+from e2kd.train.config import set_dotted
 
 
 class TinyNet(nn.Module):
@@ -76,9 +77,5 @@ def base_config(tmp_path, name: str, **extra) -> dict:
         "progress": False,
     }
     for key, value in extra.items():
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        set_dotted(cfg, key, value)
     return cfg

@@ -281,13 +281,17 @@ def _refuse_interpolations(obj: Any, where: str, key: str = "") -> None:
 def parse_override(text: str) -> Dict[str, Any]:
     """``"distill.lam=5"`` -> ``{"distill": {"lam": 5}}`` (the value read as a YAML scalar)."""
     key, parsed = split_override(text)
-    out: Dict[str, Any] = {}
-    node = out
+    return set_dotted({}, key, parsed)
+
+
+def set_dotted(values: Dict[str, Any], key: str, value: Any) -> Dict[str, Any]:
+    """Set ``values["a"]["b"] = value`` for ``key = "a.b"`` (creating the levels); returns ``values``."""
+    node = values
     parts = key.split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
-    node[parts[-1]] = parsed
-    return out
+    node[parts[-1]] = value
+    return values
 
 
 def split_override(text: str) -> tuple:
