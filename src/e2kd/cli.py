@@ -142,9 +142,9 @@ def _list(args) -> int:
     """List the registered models, explainers or datasets (names for model.name, distill.explainer, data.name)."""
     pattern = args.pattern
     if args.kind == "models" and pattern.startswith("timm/"):
-        from .models.timm_models import TIMM_PREFIX, _timm
+        from .models.timm_models import TIMM_PREFIX, list_timm_models
 
-        names = [TIMM_PREFIX + n for n in _timm().list_models(f"*{pattern[len(TIMM_PREFIX):]}*")]
+        names = list_timm_models(pattern[len(TIMM_PREFIX):])
     elif args.kind == "models":
         from .models import list_models
 

@@ -14,7 +14,8 @@ from typing import Dict, Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import nn
 
-__all__ = ["InputNormalisation", "IMAGENET_MEAN", "IMAGENET_STD", "resolve_input_norm", "normalise_inputs", "adapted_class"]
+__all__ = ["InputNormalisation", "IMAGENET_MEAN", "IMAGENET_STD", "resolve_input_norm", "fit_channels", "normalise_inputs",
+           "adapted_class"]
 
 # torchvision's ImageNet statistics (also timm's default)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,6 +60,20 @@ class InputNormalisation(nn.Module):
         return f"mean={[round(v, 4) for v in self.mean.flatten().tolist()]}, std={[round(v, 4) for v in self.std.flatten().tolist()]}"
 
 
+def fit_channels(mean: Sequence[float], std: Sequence[float], in_chans: int, *, what: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Colour statistics for a model with ``in_chans`` channels: as they are, or their average
+    for a 1-channel model; any other mismatch is an error naming ``what``."""
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) == in_chans:
+        return mean, std
+    if in_chans == 1 and len(mean) == 3:
+        return (sum(mean) / 3,), (sum(std) / 3,)
+    raise ValueError(
+        f"{what} gives statistics for {len(mean)} channels, the model has {in_chans}; "
+        "set input_norm to {mean: [...], std: [...]} or 'none'"
+    )
+
+
 def resolve_input_norm(spec: InputNorm, in_chans: int, *, what: str) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
     """``(mean, std)`` per channel for ``spec``, or None for no normalisation.
 
@@ -72,14 +87,7 @@ def resolve_input_norm(spec: InputNorm, in_chans: int, *, what: str) -> Optional
         if spec not in _PRESETS:
             raise ValueError(f"{what}: unknown input_norm {spec!r}; use one of {', '.join(_PRESETS)} or {{mean: [...], std: [...]}}")
         pair = _PRESETS[spec]
-        if pair is None:
-            return None
-        mean, std = pair
-        if in_chans == 1:
-            return (sum(mean) / 3,), (sum(std) / 3,)
-        if in_chans != 3:
-            raise ValueError(f"{what}: input_norm {spec!r} is for 3 or 1 channels, the model has {in_chans}; give {{mean: [...], std: [...]}}")
-        return tuple(mean), tuple(std)
+        return None if pair is None else fit_channels(*pair, in_chans, what=f"{what}: input_norm {spec!r}")
     if hasattr(spec, "keys") and set(spec.keys()) == {"mean", "std"}:
         mean, std = tuple(float(v) for v in spec["mean"]), tuple(float(v) for v in spec["std"])
         if len(mean) != in_chans or len(std) != in_chans:

@@ -25,9 +25,9 @@ import difflib
 
 from torch import nn
 
-from .inputs import InputNorm, InputNormalisation, adapted_class, resolve_input_norm
+from .inputs import InputNorm, InputNormalisation, adapted_class, fit_channels, resolve_input_norm
 
-__all__ = ["TIMM_PREFIX", "create_timm_model", "is_timm_model"]
+__all__ = ["TIMM_PREFIX", "create_timm_model", "is_timm_model", "list_timm_models"]
 
 TIMM_PREFIX = "timm/"
 
@@ -54,10 +54,15 @@ def is_timm_model(name: str) -> bool:
     if not name.startswith(TIMM_PREFIX):
         return False
     try:
-        import timm
-    except ImportError:
+        timm = _timm()
+    except ValueError:
         return False
     return bool(timm.is_model(name[len(TIMM_PREFIX):]))
+
+
+def list_timm_models(pattern: str = "") -> list:
+    """``timm/<architecture>`` names whose architecture contains ``pattern``."""
+    return [TIMM_PREFIX + n for n in _timm().list_models(f"*{pattern}*")]
 
 
 def create_timm_model(name: str, *, num_classes: int, in_chans: int, input_norm: InputNorm = "pretrained", **kwargs) -> nn.Module:
@@ -90,15 +95,7 @@ def create_timm_model(name: str, *, num_classes: int, in_chans: int, input_norm:
         mean, std = cfg.get("mean"), cfg.get("std")
         if mean is None or std is None:
             raise ValueError(f"{name}: timm records no input mean/std for this architecture; set input_norm (e.g. 'imagenet' or 'none')")
-        if len(mean) != in_chans:
-            if in_chans == 1 and len(mean) == 3:
-                mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-            else:
-                raise ValueError(
-                    f"{name}: its weights' statistics are for {len(mean)} channels, the model has {in_chans}; "
-                    "set input_norm to {mean: [...], std: [...]} or 'none'"
-                )
-        stats = (tuple(mean), tuple(std))
+        stats = fit_channels(mean, std, in_chans, what=f"{name}: timm's pretrained_cfg")
     else:
         stats = resolve_input_norm(input_norm, in_chans, what=name)
 

@@ -119,11 +119,12 @@ def augment_batch(
     if kind != Augment.flip:
         batch = _affine(batch, theta)
     out = dict(batch)
-    fl = flip.to(batch["image"].device)
-    for key in ("image", "mask", MAP_KEY):
-        if out.get(key) is not None and bool(flip.any()):
-            t = out[key]
-            out[key] = torch.where(fl[:, None, None, None], t.flip(-1), t)
+    if bool(flip.any()):
+        fl = flip.to(batch["image"].device)
+        for key in ("image", "mask", MAP_KEY):
+            if out.get(key) is not None:
+                t = out[key]
+                out[key] = torch.where(fl[:, None, None, None], t.flip(-1), t)
     if ops is not None:
         # as torchvision: what RandAugment's geometry brings in from outside the crop is black
         # (no evidence, for a stored map), although the one warp could read the image there

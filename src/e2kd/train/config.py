@@ -278,12 +278,6 @@ def _refuse_interpolations(obj: Any, where: str, key: str = "") -> None:
         )
 
 
-def parse_override(text: str) -> Dict[str, Any]:
-    """``"distill.lam=5"`` -> ``{"distill": {"lam": 5}}`` (the value read as a YAML scalar)."""
-    key, parsed = split_override(text)
-    return set_dotted({}, key, parsed)
-
-
 def set_dotted(values: Dict[str, Any], key: str, value: Any) -> Dict[str, Any]:
     """Set ``values["a"]["b"] = value`` for ``key = "a.b"`` (creating the levels); returns ``values``."""
     node = values
@@ -327,9 +321,9 @@ def config_from_dict(values: Optional[dict] = None, overrides: Sequence[str] = (
         _refuse_interpolations(values, where)
         cfg = _merge(cfg, values, where)
     for text in overrides:
-        patch = parse_override(text)
-        _refuse_interpolations(patch, f"override {text!r}")
         key, value = split_override(text)
+        patch = set_dotted({}, key, value)
+        _refuse_interpolations(patch, f"override {text!r}")
         if isinstance(value, dict) and _is_free_mapping(cfg, key):
             try:
                 OmegaConf.update(cfg, key, value, merge=False)  # replace, not merge

@@ -35,7 +35,6 @@ OPS = (
 )
 NUM_BINS = 31
 _IDX = {name: i for i, name in enumerate(OPS)}
-_SIGNED = {"shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast", "sharpness"}
 
 
 def _level(magnitude: int, top: float) -> float:
