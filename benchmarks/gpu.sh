@@ -11,8 +11,12 @@
 #    and the top operators of the B-cos steps (python -m benchmarks.op_profile).
 # 2. Throughput of a short real distillation loop (python -m benchmarks.throughput, ~100 steps on
 #    synthetic 224 px images, data loading included) for the B-cos pair, KD and e2KD.
-# 3. (last, as the slowest to start) KD and e2KD for the B-cos pair with torch.compile of the student:
+# 3. KD and e2KD for the B-cos pair with torch.compile of the student:
 #    variants whose double backward compile does not support fall back to eager, and the table says so ("compiled" marks the ones that compiled).
+# 4. The trainer itself (benchmarks/gpu_trainer.yaml: B-cos ResNet-18s on synthetic 112 px images): a teacher,
+#    e2KD under torchrun (nccl), a frozen store and a frozen e2KD run, KD with torch.compile, e2KD in fp16 with
+#    the gradient scaler; then one table of the runs (python -m benchmarks.runs). Run folders go to RUNS
+#    (default $OUT/runs).
 #
 # Each run is cut at RUN_LIMIT seconds (GPU default 150) and a failed run is recorded; the rest still runs.
 # Environment: PYTHON (default: the repository's .venv if present, else python3), OUT (output folder).
@@ -27,6 +31,11 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 OUT="${OUT:-$PWD/gpu-figures}"
+RUNS="${RUNS:-$OUT/runs}"
+if [[ -e "$RUNS" ]]; then  # the trainer would resume runs found there instead of timing fresh ones
+  echo "gpu.sh: $RUNS exists; remove it or set OUT (or RUNS) to a new folder" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -41,6 +50,9 @@ if [[ $DRY -eq 1 ]]; then
   DN=(--teacher bcos_resnet8_small --student bcos_resnet8_small)
   COMPILE=""
   RUN_LIMIT=300
+  TRAIN=(device=cpu data.image_size=32 data.kwargs.num_samples=64 data.eval_kwargs.num_samples=32
+         model.name=bcos_resnet8_small teacher.name=bcos_resnet8_small optim.batch_size=16 num_workers=0)
+  FP16=""  # fp16 needs CUDA (gradient scaler)
 else
   if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu.sh: torch sees no CUDA device; run with --dry-run for the CPU smoke test" >&2
@@ -55,7 +67,9 @@ else
   BC=()
   DN=()
   COMPILE="--compile"
-  RUN_LIMIT=${RUN_LIMIT:-150}  # seconds per benchmark, so that one stuck run cannot take the whole budget
+  RUN_LIMIT=${RUN_LIMIT:-150}
+  TRAIN=(device=cuda)
+  FP16=1  # seconds per benchmark, so that one stuck run cannot take the whole budget
 fi
 
 {
@@ -96,5 +110,26 @@ if [[ -n "$COMPILE" ]]; then
   # shellcheck disable=SC2086
   run step_compiled "$PYTHON" -m benchmarks.step --pair bcos --variants kd,e2kd "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST $COMPILE --json "$OUT/step_compiled.json"
 fi
+CFG=benchmarks/gpu_trainer.yaml
+TR=("${TRAIN[@]}" output_dir="$RUNS")
+run trainer_teacher "$PYTHON" -m e2kd train-teacher "$CFG" "${TR[@]}" name=teacher optim.epochs=4
+run trainer_e2kd_torchrun "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 -m e2kd distill "$CFG" "${TR[@]}" name=e2kd teacher.checkpoint="$RUNS/teacher"
+run trainer_freeze "$PYTHON" -m e2kd freeze "$CFG" "${TR[@]}" teacher.checkpoint="$RUNS/teacher" --out "$RUNS/store"
+run trainer_frozen "$PYTHON" -m e2kd distill "$CFG" "${TR[@]}" name=e2kd-frozen teacher.frozen="$RUNS/store" teacher.checkpoint="$RUNS/teacher"
+trained=("$RUNS/teacher" "$RUNS/e2kd" "$RUNS/e2kd-frozen")
+if [[ -n "$COMPILE" ]]; then
+  run trainer_kd_compiled "$PYTHON" -m e2kd distill "$CFG" "${TR[@]}" name=kd-compiled distill.lam=0 compile=true teacher.checkpoint="$RUNS/teacher"
+  trained+=("$RUNS/kd-compiled")
+fi
+if [[ -n "$FP16" ]]; then
+  run trainer_e2kd_fp16 "$PYTHON" -m e2kd distill "$CFG" "${TR[@]}" name=e2kd-fp16 amp=fp16 teacher.checkpoint="$RUNS/teacher"
+  trained+=("$RUNS/e2kd-fp16")
+fi
+existing=()
+for r in "${trained[@]}"; do [[ -f "$r/results.json" ]] && existing+=("$r"); done
+if [[ ${#existing[@]} -gt 0 ]]; then
+  run trainer_table "$PYTHON" -m benchmarks.runs "${existing[@]}"
+fi
+
 echo "" | tee -a "$OUT/summary.md"
 echo "figures in $OUT" | tee -a "$OUT/summary.md"

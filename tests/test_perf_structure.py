@@ -404,6 +404,16 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
         assert (tmp_path / f"{name}.json").is_file(), name
     tput = json.loads((tmp_path / "throughput_bcos_lam1.json").read_text())
     assert tput["images_per_s"] > 0 and tput["steps"] == 2
+    # the trainer section: teacher, e2KD under torchrun, store, frozen e2KD, all finished and tabulated
+    for run in ("teacher", "e2kd", "e2kd-frozen"):
+        assert json.loads((tmp_path / "runs" / run / "results.json").read_text())["steps"] > 0, run
+    assert (tmp_path / "runs" / "store").is_dir()
+    table = summary.split("## trainer_table", 1)[1]
+    assert "| e2kd | 1 | cpu | bf16 |" in table and "| e2kd-frozen |" in table
+    # a second run into the same folder is refused before anything runs (the trainer would resume)
+    again = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60, env={**_env(), "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert again.returncode == 2 and "exists" in again.stderr
 
 
 def test_paired_ratio_compares_steps_of_the_same_round():
