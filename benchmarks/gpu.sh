@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu.sh            # on a machine with an NVIDIA GPU; figures go to $OUT (or ./gpu-figures)
 #   bash benchmarks/gpu.sh --dry-run  # the same sequence on the CPU with tiny models and sizes (a smoke test)
+#   ONLY=step_compiled,trainer bash benchmarks/gpu.sh   # only the runs whose names start so
 #
 # 1. Step benchmark (python -m benchmarks.step) at 224 px, batch 128, bf16 autocast, channels-last:
 #    KD, live e2KD, frozen e2KD, lam=0 and explain_every=4 for ResNet-34 -> ResNet-18 (GradCAM),
@@ -74,12 +75,22 @@ fi
 
 {
   echo "# e2kd GPU figures, $(date -u +%Y-%m-%dT%H:%M:%SZ), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  [[ -n "${ONLY:-}" ]] && echo "# only the runs starting with: $ONLY"
   "$PYTHON" -c 'import torch; print("# torch", torch.__version__, "| device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/# nvidia-smi: /' || true
 } | tee "$OUT/summary.md"
 
+wanted() {  # whether a run's name starts with one of the comma-separated prefixes in ONLY (default: all)
+  [[ -z "${ONLY:-}" ]] && return 0
+  local p
+  IFS=, read -ra prefixes <<<"$ONLY"
+  for p in "${prefixes[@]}"; do [[ -n "$p" && "$1" == "$p"* ]] && return 0; done
+  return 1
+}
+
 run() {  # run a command, copy its output to the summary; a failure is recorded, the rest still runs
   local name=$1; shift  # each run is cut at RUN_LIMIT seconds
+  wanted "$name" || return 0
   echo "" | tee -a "$OUT/summary.md"
   echo "## $name" | tee -a "$OUT/summary.md"
   echo "    $*" | tee -a "$OUT/summary.md"

@@ -280,3 +280,44 @@ def test_fast_small_convs_match_nn_conv2d_and_keep_the_state_dict():
     import torchvision
 
     assert set(model.state_dict()) == set(torchvision.models.resnet18(num_classes=5).state_dict())
+
+
+def test_bcos_student_compiles_to_one_graph_with_eager_gradients(monkeypatch):
+    # torch.compile of a training B-cos model: no graph break (the input range check, the batch
+    # variance kernel and the cheap convolution's backward each used to split or stop the graph),
+    # and the compiled forward and backward give the eager values
+    from e2kd import _conv
+
+    monkeypatch.setattr(_conv, "prefer_conv2d_function", lambda *a, **k: True)  # the CUDA dispatch
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = create_model("bcos_resnet8_small", num_classes=3).double().train()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    report = torch._dynamo.explain(m)(x)
+    assert report.graph_break_count == 0, [str(b.reason)[:120] for b in report.break_reasons]
+    eager = m(x)
+    eager.square().sum().backward()
+    ref = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    compiled = torch.compile(m, backend="aot_eager")(x)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-9, atol=1e-12)
+    for p, g in zip(m.parameters(), ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def test_cheap_conv_backward_under_compile_asks_no_engine_node(monkeypatch):
+    # a backward traced by torch.compile runs before any engine pass: it computes what the
+    # inputs require and never touches ctx.next_functions (which torch 2.11 refuses there)
+    from e2kd import _conv
+
+    class Ctx:
+        needs_input_grad = (True, False)
+
+        @property
+        def next_functions(self):
+            raise RuntimeError("Attribute 'next_functions' is invalid for this instance")
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _conv._needed(Ctx(), 0) is True and _conv._needed(Ctx(), 1) is False

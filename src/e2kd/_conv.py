@@ -123,9 +123,12 @@ def _needed(ctx, i: int) -> bool:
     prune a Python function's outputs, so without this check an explanation pass
     (``torch.autograd.grad(score, x, create_graph=True)``) would also compute every weight
     gradient. Falls back to ``needs_input_grad`` where the engine cannot tell (a leaf input
-    under ``torch.autograd.grad``)."""
+    under ``torch.autograd.grad``) and in a backward traced by ``torch.compile``, which runs
+    ahead of any engine pass (and which torch 2.11 refuses ``ctx.next_functions`` in)."""
     if not ctx.needs_input_grad[i]:
         return False
+    if torch.compiler.is_compiling():
+        return True
     node = ctx.next_functions[i][0]
     try:
         return node is not None and bool(torch._C._will_engine_execute_node(node))

@@ -63,7 +63,8 @@ class InputEncoding(nn.Module):
     Raises
     ------
     ValueError
-        On a wrong channel count or on values outside [0, 1].
+        On a wrong channel count or on values outside [0, 1] (the value check runs in eager
+        calls; a graph traced by ``torch.compile`` leaves it out rather than split there).
     """
 
     def __init__(self, in_chans: int):
@@ -90,14 +91,15 @@ class InputEncoding(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"B-cos model: expected a float image in [0, 1], got dtype {x.dtype}; use x.float() / 255")
-        lo, hi = torch.aminmax(x.detach())
-        lo, hi = float(lo), float(hi)
-        if lo < 0.0 or hi > 1.0 or math.isnan(lo) or math.isnan(hi):
-            raise ValueError(
-                f"B-cos model: image values must lie in [0, 1], got min {lo:.4g} and max {hi:.4g}. "
-                "Do not normalise with mean/std: pass the image scaled to [0, 1] "
-                "(the model encodes it as [x, 1-x] itself)."
-            )
+        if not torch.compiler.is_compiling():  # a data-dependent check would split a compiled graph
+            lo, hi = torch.aminmax(x.detach())
+            lo, hi = float(lo), float(hi)
+            if lo < 0.0 or hi > 1.0 or math.isnan(lo) or math.isnan(hi):
+                raise ValueError(
+                    f"B-cos model: image values must lie in [0, 1], got min {lo:.4g} and max {hi:.4g}. "
+                    "Do not normalise with mean/std: pass the image scaled to [0, 1] "
+                    "(the model encodes it as [x, 1-x] itself)."
+                )
         return encode_input(x)
 
     def extra_repr(self) -> str:
@@ -393,9 +395,14 @@ def batch_variance(x: torch.Tensor) -> torch.Tensor:
     .. math:: \sigma_c^2 = \frac{1}{NHW} \sum_{n,h,w} (x_{nchw} - \mu_c)^2
 
     Differentiable (twice); float32 / float64 through the native batch-norm statistics kernel,
-    other dtypes through ``Tensor.var``.
+    other dtypes, and graphs traced by ``torch.compile`` (whose fake tensors that kernel does not
+    take), through ``Tensor.var``.
     """
-    if x.dtype in (torch.float32, torch.float64) and x.shape[0] * x.shape[2] * x.shape[3] > 0:
+    if (
+        x.dtype in (torch.float32, torch.float64)
+        and x.shape[0] * x.shape[2] * x.shape[3] > 0
+        and not torch.compiler.is_compiling()
+    ):
         return _BatchVariance.apply(x)
     return x.var(dim=(0, 2, 3), unbiased=False)
 
