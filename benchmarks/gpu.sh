@@ -52,7 +52,8 @@ if [[ $DRY -eq 1 ]]; then
   COMPILE=""
   RUN_LIMIT=300
   TRAIN=(device=cpu data.image_size=32 data.kwargs.num_samples=64 data.eval_kwargs.num_samples=32
-         model.name=bcos_resnet8_small teacher.name=bcos_resnet8_small optim.batch_size=16 num_workers=0)
+         model.name=bcos_resnet8_small optim.batch_size=16 num_workers=0)
+  TEACHER=bcos_resnet18_small  # not the student: the distillation reads it from the teacher run
   FP16=""  # fp16 needs CUDA (gradient scaler)
 else
   if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
@@ -70,6 +71,7 @@ else
   COMPILE="--compile"
   RUN_LIMIT=${RUN_LIMIT:-150}
   TRAIN=(device=cuda)
+  TEACHER=bcos_resnet34
   FP16=1  # seconds per benchmark, so that one stuck run cannot take the whole budget
 fi
 
@@ -123,7 +125,7 @@ if [[ -n "$COMPILE" ]]; then
 fi
 CFG=benchmarks/gpu_trainer.yaml
 TR=("${TRAIN[@]}" output_dir="$RUNS")
-run trainer_teacher "$PYTHON" -m e2kd train-teacher "$CFG" "${TR[@]}" name=teacher optim.epochs=4
+run trainer_teacher "$PYTHON" -m e2kd train-teacher "$CFG" "${TR[@]}" name=teacher model.name="$TEACHER" optim.epochs=4
 run trainer_e2kd_torchrun "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 -m e2kd distill "$CFG" "${TR[@]}" name=e2kd teacher.checkpoint="$RUNS/teacher"
 run trainer_freeze "$PYTHON" -m e2kd freeze "$CFG" "${TR[@]}" teacher.checkpoint="$RUNS/teacher" --out "$RUNS/store"
 run trainer_frozen "$PYTHON" -m e2kd distill "$CFG" "${TR[@]}" name=e2kd-frozen teacher.frozen="$RUNS/store" teacher.checkpoint="$RUNS/teacher"

@@ -283,16 +283,17 @@ def test_fast_small_convs_match_nn_conv2d_and_keep_the_state_dict():
 
 
 def test_bcos_student_compiles_to_one_graph_with_eager_gradients(monkeypatch):
-    # torch.compile of a training B-cos model: no graph break (the input range check, the batch
-    # variance kernel and the cheap convolution's backward each used to split or stop the graph),
+    # torch.compile of a training B-cos model, channels-last: no graph break (the input range
+    # check, the batch variance kernel, the weight-cache drop, the unit rows' out= backward and
+    # the cheap convolution's backward each split or stopped the graph with torch 2.11 or 2.14),
     # and the compiled forward and backward give the eager values
     from e2kd import _conv
 
     monkeypatch.setattr(_conv, "prefer_conv2d_function", lambda *a, **k: True)  # the CUDA dispatch
     torch._dynamo.reset()
     torch.manual_seed(0)
-    m = create_model("bcos_resnet8_small", num_classes=3).double().train()
-    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    m = create_model("bcos_resnet8_small", num_classes=3).double().train().to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     report = torch._dynamo.explain(m)(x)
     assert report.graph_break_count == 0, [str(b.reason)[:120] for b in report.break_reasons]
     eager = m(x)

@@ -143,9 +143,10 @@ class _UnitRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         w, u = ctx.saved_tensors
-        # differentiated again (create_graph): the norms' own dependence on w must be in the graph
-        if torch.is_grad_enabled():
-            norms = _row_norms(w)
+        # differentiated again (create_graph): the norms' own dependence on w must be in the graph;
+        # traced by torch.compile, which takes no out= of a channels-last layout: the plain formula
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            norms = _row_norms(w) if torch.is_grad_enabled() else ctx.norms
             dot = torch.linalg.vecdot(g.flatten(1), u.flatten(1)).view_as(norms)
             return torch.addcmul(g, u, dot, value=-1) / norms
         norms = ctx.norms
@@ -171,7 +172,8 @@ def _unit_rows(module: nn.Module) -> torch.Tensor:
     """
     w = module.weight
     if w.requires_grad:
-        module.__dict__.pop("_unit_cache", None)
+        if "_unit_cache" in module.__dict__:  # (no call at all in the usual case: torch.compile cannot trace the pop)
+            del module.__dict__["_unit_cache"]
         return _UnitRows.apply(w) if torch.is_grad_enabled() else w / _row_norms(w)
     key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
     cached = module.__dict__.get("_unit_cache")
