@@ -15,6 +15,7 @@ batch without any per-sample PIL work.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Callable, Optional, Sequence
 
@@ -194,11 +195,12 @@ class InMemoryImageDataset(torch.utils.data.Dataset):
         dict with ``image`` (B, C, H, W) float, ``label``, ``index`` (B,), and ``mask`` /
         ``group`` where the dataset has them.
         """
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        index = torch.as_tensor(indices, dtype=torch.long)
+        idx = index.to(self.images.device)  # the rows, where the tensors are (a GPU: to_device)
         out = {
             "image": self.images[idx].float().div_(255.0),
             "label": self.labels[idx].clone(),
-            "index": idx.clone(),
+            "index": index.clone(),
         }
         if self.masks is not None:
             out["mask"] = self.masks[idx].float()
@@ -209,6 +211,27 @@ class InMemoryImageDataset(torch.utils.data.Dataset):
         if transform is not None:
             out = transform(out, generator=generator)
         return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the dataset's tensors (images, labels, masks, groups, extras)."""
+        tensors = [self.images, self.labels, self.masks, self.groups, *self.extras.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def to_device(self, device: torch.device | str) -> "InMemoryImageDataset":
+        """The same dataset with its tensors on ``device``: ``batch`` then indexes and converts
+        there (uint8 images travel once, not as float batches every step). Shares everything
+        else with this one; on the device it already uses, returns ``self``."""
+        device = torch.device(device)
+        if self.images.device == device:
+            return self
+        moved = copy.copy(self)
+        moved.images = self.images.to(device)
+        moved.labels = self.labels.to(device)
+        moved.masks = None if self.masks is None else self.masks.to(device)
+        moved.groups = None if self.groups is None else self.groups.to(device)
+        moved.extras = {k: v.to(device) for k, v in self.extras.items()}
+        return moved
 
     def subset(self, indices: torch.Tensor | Sequence[int], *, name: str | None = None) -> "InMemoryImageDataset":
         """A new dataset of the given positions (``index`` restarts at 0; the positions in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -64,6 +65,18 @@ class FrozenDataset(torch.utils.data.Dataset):
                 setattr(self, attr, getattr(base_dataset, attr))
         if callable(getattr(base_dataset, "batch", None)) and not geometric and not photometric:
             self.batch = self._batch
+            if callable(getattr(base_dataset, "to_device", None)):
+                self.to_device = self._to_device
+                self.nbytes = getattr(base_dataset, "nbytes", 0)
+
+    def _to_device(self, device) -> "FrozenDataset":
+        """The same wrapper over the base dataset placed on ``device`` (its ``to_device``); the
+        store stays where it is (it is read shard by shard)."""
+        moved = copy.copy(self)
+        moved.base = self.base.to_device(device)
+        moved.batch = moved._batch
+        moved.to_device = moved._to_device
+        return moved
 
     def _batch(self, indices) -> dict:
         idx = torch.as_tensor(indices, dtype=torch.long)

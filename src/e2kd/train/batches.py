@@ -8,7 +8,8 @@ is a single integer (global batches drawn so far), saved in checkpoints; resumin
 without replaying data.
 
 In-memory datasets (``e2kd.data.InMemoryImageDataset``) are sliced as whole tensor batches
-(``dataset.batch``); other datasets go through a ``DataLoader`` with workers and pinned memory.
+(``dataset.batch``), on a GPU from tensors kept there (:func:`place_on_device`); other datasets
+go through a ``DataLoader`` with workers and pinned memory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ import torch
 from .config import ExperimentConfig
 from .distributed import DistInfo
 
-__all__ = ["build_datasets", "TrainStream", "eval_batches"]
+__all__ = ["build_datasets", "TrainStream", "eval_batches", "place_on_device", "ON_DEVICE_FRACTION"]
+
+#: ``data.on_device=null`` keeps an in-memory dataset on the GPU when its tensors take at most
+#: this fraction of the GPU's free memory.
+ON_DEVICE_FRACTION = 0.25
 
 
 def _build(name: str, split: str, *, root, image_size, seed, shots=None, val_per_class=0, limit=None, kwargs=None):
@@ -68,6 +73,25 @@ def _in_memory(ds, flag: Optional[bool]) -> bool:
     if flag and not has:
         raise ValueError(f"data.in_memory=true but {type(ds).__name__} has no batch(); set data.in_memory=null")
     return has if flag is None else bool(flag)
+
+
+def place_on_device(ds, flag: Optional[bool], device: torch.device, in_memory: Optional[bool] = None):
+    """``ds`` with its tensors on ``device`` (a GPU) where it stacks whole batches from tensors
+    (``to_device``): its batches are then indexed, converted to float and augmented there, and
+    no image crosses the bus after the first step. ``flag`` is ``data.on_device``: true always
+    (a ValueError for a dataset read from files), false never, None when the tensors take at most
+    :data:`ON_DEVICE_FRACTION` of the GPU's free memory. On the CPU ``ds`` is returned as it is."""
+    movable = _in_memory(ds, in_memory) and callable(getattr(ds, "to_device", None))
+    if flag and not movable:
+        raise ValueError(
+            f"data.on_device=true needs a dataset held in memory as tensors; {getattr(ds, 'name', type(ds).__name__)} "
+            "is read from files (or data.in_memory=false). Set data.on_device=null"
+        )
+    if device.type != "cuda" or flag is False or not movable:
+        return ds
+    if flag is None and int(getattr(ds, "nbytes", 0)) > ON_DEVICE_FRACTION * torch.cuda.mem_get_info(device)[0]:
+        return ds
+    return ds.to_device(device)
 
 
 def _collate_dicts(samples: List[dict]) -> dict:

@@ -96,6 +96,7 @@ class DataConfig:
     randaug_ops: int = 2  # RandAugment ops per image (augment=rrc_flip_randaug)
     randaug_magnitude: int = 9  # of torchvision's 31 bins (0..30)
     in_memory: Optional[bool] = None  # None: stack small datasets into tensors once
+    on_device: Optional[bool] = None  # in-memory data kept on the GPU; None: when it takes <= 1/4 of its free memory
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra build_dataset arguments
     eval_kwargs: Dict[str, Any] = field(default_factory=dict)
 

@@ -36,7 +36,7 @@ from torch import nn
 from .._conv import onednn_1x1_bug
 from ..distiller import Distiller
 from .augment import augment_batch
-from .batches import TrainStream, build_datasets, eval_batches
+from .batches import TrainStream, build_datasets, eval_batches, place_on_device
 from .build import build_explainers, build_model, build_teacher, load_model_file, model_record, save_model, teacher_weights_available
 from .checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from .config import Amp, ExperimentConfig, config_from_dict, save_config, to_dict
@@ -405,6 +405,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             model.train(was)
         model.zero_grad(set_to_none=True)
 
+    stream_ds = place_on_device(stream_ds, cfg.data.on_device, device, cfg.data.in_memory)
     stream = TrainStream(
         stream_ds, batch_size=cfg.optim.batch_size, seed=cfg.seed, info=info, in_memory=cfg.data.in_memory, num_workers=cfg.num_workers
     )
@@ -544,7 +545,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             step_terms: Dict[str, float] = {}
             for micro in range(accum):
                 td = time.time()
-                batch = next(batches)
+                # on the training device before augmenting: a GPU warps the batch, not the CPU
+                batch = _to_device(next(batches), device)
                 if cfg.data.augment.value != "none":
                     batch = augment_batch(
                         batch, cfg.data.augment, seed=cfg.seed, step=stream.position - 1,
@@ -671,7 +673,7 @@ def evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_
     for split in ("eval", "val"):
         if split not in data:
             continue
-        ds = data[split]
+        ds = place_on_device(data[split], cfg.data.on_device, info.device, cfg.data.in_memory)
         res = evaluate(
             model,
             eval_batches(ds, batch_size=bs, info=info, in_memory=cfg.data.in_memory, num_workers=cfg.num_workers),
@@ -718,6 +720,11 @@ _TERM_NAMES = {
     "cls_loss": "the cross-entropy on labels",
     "guidance_loss": "the guidance term",
 }
+
+
+def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """Every tensor of ``batch`` on ``device`` (asynchronously from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @contextmanager
