@@ -14,8 +14,10 @@
 #    synthetic 224 px images, data loading included) for the B-cos pair, KD and e2KD.
 # 3. KD and e2KD for the B-cos pair with torch.compile of the student:
 #    variants whose double backward compile does not support fall back to eager, and the table says so ("compiled" marks the ones that compiled).
-# 4. The trainer itself (benchmarks/gpu_trainer.yaml: B-cos ResNet-18s on synthetic 112 px images): a teacher,
-#    e2KD under torchrun (nccl), a frozen store and a frozen e2KD run, KD with torch.compile, e2KD in fp16 with
+# 4. The trainer itself (benchmarks/gpu_trainer.yaml: B-cos ResNet-34 -> B-cos ResNet-18, synthetic 224 px images,
+#    batch 128, as in 1.): a teacher,
+#    e2KD launched by torchrun (one process on one GPU: no process group, so nccl itself is not exercised;
+#    it needs two GPUs), a frozen store and a frozen e2KD run, KD with torch.compile, e2KD in fp16 with
 #    the gradient scaler; then one table of the runs (python -m benchmarks.runs). Run folders go to RUNS
 #    (default $OUT/runs).
 #

@@ -189,16 +189,45 @@ def _bcos_distill(tmp_path, lam):
     })
 
 
-def test_compiled_bcos_e2kd_step_names_the_setting(tmp_path, fast_compile):
-    """torch.compile cannot differentiate a compiled graph twice: the B-cos explanation term's
-    first step fails with an error that names compile=true, and nothing is saved."""
-    with pytest.raises(ValueError, match=r"compile=true: the e²KD step \(explainer 'bcos', distill.lam=1.0\)") as info:
+def test_compile_is_refused_where_the_explanation_is_differentiated(tmp_path, fast_compile):
+    """torch.compile cannot differentiate a compiled graph twice: depending on the graph torch
+    fails, or (a whole-graph B-cos student) drops the explanation term's gradient silently. A
+    run that would need it is refused before any work, whatever the explainer; nothing is saved."""
+    with pytest.raises(ValueError, match=r"compile=true cannot train with e²KD \(distill.lam=1.0, explainer 'bcos'\)"):
         run(_bcos_distill(tmp_path, 1.0), mode="distill")
-    assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error is kept as the cause
-    assert not (tmp_path / "s" / "checkpoints").exists()
+    assert not (tmp_path / "s").exists()
+    cfg = _distill(tmp_path, **{"compile": True, "distill.explainer": "gradcam", "distill.lam": 0.5})
+    with pytest.raises(ValueError, match=r"e²KD \(distill.lam=0.5, explainer 'gradcam'\).*compile=false"):
+        run(cfg, mode="distill")
+    guided = config_from_dict(base_config(tmp_path, "g", compile=True, **{"guidance.kind": "energy"}))
+    with pytest.raises(ValueError, match=r"model guidance \(guidance.kind='energy'\)"):
+        run(guided, mode="teacher")
 
 
 def test_compiled_bcos_kd_trains(tmp_path, fast_compile):
     """The same student compiles for plain KD (lam=0: first-order only)."""
     out = run(_bcos_distill(tmp_path, 0.0), mode="distill")
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"][-1] == 2
+
+
+def test_distiller_refuses_a_compiled_student_on_explaining_steps_only():
+    """The core, for loops of one's own: an explaining step of a compiled student is refused (it
+    would need the compiled graph's second-order gradient); a step without the explanation term
+    runs compiled, and the teacher may be compiled."""
+    import e2kd
+
+    torch.manual_seed(0)
+    teacher, student = TinyNet(num_classes=4, width=4), TinyNet(num_classes=4, width=4)
+    compiled = torch.compile(student, backend="eager")
+    x = torch.rand(2, 3, 8, 8)
+    d = e2kd.Distiller(torch.compile(teacher, backend="eager"), compiled, explainer="gradcam", lam=1.0, explain_every=2)
+    with pytest.raises(ValueError, match="student is compiled.*uncompiled student.*lam=0"):
+        d(x)
+    d.calls = 1  # the next step does not explain: KD through the compiled student
+    out = d(x)
+    out["loss"].backward()
+    assert out["exp_loss"].item() == 0.0 and student.fc.weight.grad is not None
+    ddp_like = torch.nn.Module()
+    ddp_like.module = compiled  # a data-parallel wrapper holds the compiled model as .module
+    assert e2kd.distiller.is_compiled(ddp_like) and not e2kd.distiller.is_compiled(student)
+    torch._dynamo.reset()

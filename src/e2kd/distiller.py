@@ -42,6 +42,15 @@ def match_maps(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.
     return student_maps
 
 
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper, directly or inside a data-parallel
+    wrapper (``.module``)."""
+    for m in (module, getattr(module, "module", None)):
+        if m is not None and type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
+            return True
+    return False
+
+
 class Distiller(nn.Module):
     r"""Explanation-enhanced knowledge distillation (Parchami-Araghi et al., ECCV 2024).
 
@@ -184,6 +193,13 @@ class Distiller(nn.Module):
         student_maps = None
         if explain:
             grad = torch.is_grad_enabled()
+            if grad and is_compiled(self.student):
+                raise ValueError(
+                    "the student is compiled (torch.compile) and this step differentiates its explanation a second "
+                    "time, which compiled graphs do not support: torch either fails or drops the explanation "
+                    "term's gradient without an error. Give the Distiller the uncompiled student (compiling the "
+                    "teacher is fine), or set lam=0 for plain KD"
+                )
             try:
                 out = self.student_explainer(self.student, x, target, create_graph=grad)
             except TargetOutOfRange as err:

@@ -283,6 +283,7 @@ def run(cfg: ExperimentConfig, *, mode: str, callbacks: Sequence[object] = ()) -
     """Train (``mode="teacher"``) or distil (``mode="distill"``) as configured; returns the run folder."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_compile(cfg, mode)
     info = init_distributed(cfg.device)
     try:
         return _run(cfg, mode, info, callbacks)
@@ -555,8 +556,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
                     )
                 data_time += time.time() - td
                 sync = net.no_sync() if info.enabled and micro < accum - 1 else nullcontext()
-                explains = distiller is not None and distiller.explains_this_step()
-                with sync, _compiled_explanation(cfg, explains):
+                with sync:
                     out = forward_loss(batch)
                     _check_finite(out, step, info, last_ckpt)
                     loss = out["loss"] / accum
@@ -727,23 +727,24 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-@contextmanager
-def _compiled_explanation(cfg: ExperimentConfig, explains: bool):
-    """With ``compile=true``, a step that computes the explanation term and fails inside torch
-    raises a ValueError that names the setting: torch.compile (torch 2.14) cannot take the
-    second-order gradient of a compiled graph, which the student's explanation needs wherever it
-    runs through the compiled network (B-cos, input gradients)."""
-    try:
-        yield
-    except RuntimeError as err:
-        if not (cfg.compile and explains):
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _check_compile(cfg: ExperimentConfig, mode: str) -> None:
+    """``compile=true`` compiles the trained model; a run that differentiates that model's
+    explanation (e²KD with ``distill.lam > 0``, model guidance) needs its second-order gradient,
+    which torch.compile's graphs do not have (torch 2.11-2.14): depending on the graph torch fails
+    or, worse, drops the explanation term's gradient without an error. Refused before any work."""
+    if not cfg.compile:
+        return
+    what = None
+    if mode == "distill" and cfg.distill.lam > 0:
+        what = f"e²KD (distill.lam={cfg.distill.lam}, explainer {cfg.distill.explainer!r})"
+    elif cfg.guidance.kind:
+        what = f"model guidance (guidance.kind={cfg.guidance.kind!r})"
+    if what is not None:
         raise ValueError(
-            f"compile=true: the e²KD step (explainer {cfg.distill.explainer!r}, distill.lam={cfg.distill.lam}) failed "
-            f"inside the compiled student, most likely because torch.compile cannot differentiate the explanation "
-            f"a second time; torch said: {first}. Set compile=false (plain KD, distill.lam=0, compiles)"
-        ) from err
+            f"compile=true cannot train with {what}: the step differentiates the compiled model's explanation "
+            "a second time, which torch.compile does not support (torch fails, or drops that term's gradient "
+            "without an error). Set compile=false, or distill.lam=0 for plain KD (which compiles)"
+        )
 
 
 def _check_finite(out: Dict[str, torch.Tensor], step: int, info: DistInfo, last_ckpt: Optional[Path]) -> None:
