@@ -39,6 +39,10 @@ def test_frozen_dataset_moves_its_images_and_leaves_the_store(tmp_path):
     batch = moved.batch(torch.tensor([1, 2]))
     assert batch["image"].device.type == "meta"
     assert batch["teacher_maps"].device.type == "cpu"  # read from the store; the loop moves it
+    # in the store's dtype (half the bytes to move), converted where it is used
+    store = FrozenStore(tmp_path)
+    assert store.map_dtype == "float16" and batch["teacher_maps"].dtype == torch.float16
+    assert torch.equal(batch["teacher_maps"], store.batch([1, 2])["maps"])
     ref = frozen.batch(torch.tensor([1, 2]))
     torch.testing.assert_close(batch["teacher_logits"], ref["teacher_logits"])
     assert frozen.batch(torch.tensor([1]))["image"].device.type == "cpu"  # the original stays

@@ -37,8 +37,10 @@ class FrozenDataset(torch.utils.data.Dataset):
 
     When ``base_dataset`` stacks whole batches (``batch(indices)``, as the in-memory datasets
     of :mod:`e2kd.data` do) and no augmentation is given, the wrapper has ``batch(indices)``
-    too: the base batch plus ``teacher_logits`` (B, C) and ``teacher_maps`` (B, K, h, w),
-    for a trainer that augments whole batches itself (:func:`e2kd.train.augment.augment_batch`
+    too: the base batch plus ``teacher_logits`` (B, C) float32 and ``teacher_maps`` (B, K, h, w)
+    in the store's dtype (float16 by default: half the bytes to move; the augmentation, the
+    ``Distiller`` and the evaluation convert them where they run), for a trainer that augments
+    whole batches itself (:func:`e2kd.train.augment.augment_batch`
     moves ``teacher_maps`` with the images).
     """
 
@@ -88,7 +90,7 @@ class FrozenDataset(torch.utils.data.Dataset):
             )
         stored = self.store.batch(idx.tolist())
         out["teacher_logits"] = stored["logits"].float()
-        out["teacher_maps"] = stored["maps"].float()
+        out["teacher_maps"] = stored["maps"]
         return out
 
     def __len__(self) -> int:
