@@ -229,5 +229,11 @@ def test_distiller_refuses_a_compiled_student_on_explaining_steps_only():
     assert out["exp_loss"].item() == 0.0 and student.fc.weight.grad is not None
     ddp_like = torch.nn.Module()
     ddp_like.module = compiled  # a data-parallel wrapper holds the compiled model as .module
-    assert e2kd.distiller.is_compiled(ddp_like) and not e2kd.distiller.is_compiled(student)
+    from e2kd.explain.base import is_compiled
+
+    assert is_compiled(ddp_like) and not is_compiled(student)
+    from e2kd.guidance import GuidanceLoss
+
+    with pytest.raises(ValueError, match="GuidanceLoss: the model is compiled.*uncompiled model"):
+        GuidanceLoss(kind="energy")(compiled, x, torch.tensor([0, 1]), torch.ones(2, 1, 8, 8))
     torch._dynamo.reset()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .explain.base import Explainer, TargetOutOfRange, create
+from .explain.base import Explainer, TargetOutOfRange, create, is_compiled
 from .losses import explanation_loss, kd_loss, multilabel_kd_loss
 
 __all__ = ["Distiller"]
@@ -40,15 +40,6 @@ def match_maps(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.
     if student_maps.shape[2:] != teacher_maps.shape[2:]:
         student_maps = F.interpolate(student_maps, size=teacher_maps.shape[2:], mode="bilinear", align_corners=False)
     return student_maps
-
-
-def is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` is a ``torch.compile`` wrapper, directly or inside a data-parallel
-    wrapper (``.module``)."""
-    for m in (module, getattr(module, "module", None)):
-        if m is not None and type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
-            return True
-    return False
 
 
 class Distiller(nn.Module):

@@ -196,3 +196,12 @@ def create(name: str | Explainer, **kwargs) -> Explainer:
         if key not in _REGISTRY:
             raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
     return _REGISTRY[key](**kwargs)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper, directly or inside a data-parallel
+    wrapper (``.module``)."""
+    for m in (module, getattr(module, "module", None)):
+        if m is not None and type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
+            return True
+    return False
