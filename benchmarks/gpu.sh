@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu.sh --dry-run  # the same sequence on the CPU with tiny models and sizes (a smoke test)
 #   ONLY=step_compiled,trainer bash benchmarks/gpu.sh   # only the runs whose names start so
 #
+# 0. The GPU paths against the CPU (tests/test_cuda.py: data kept and augmented on the device, frozen batches,
+#    the trainer in bf16 and fp16, compiled KD; skipped where there is no CUDA device).
 # 1. Step benchmark (python -m benchmarks.step) at 224 px, batch 128, bf16 autocast, channels-last:
 #    KD, live e2KD, frozen e2KD, lam=0 and explain_every=4 for ResNet-34 -> ResNet-18 (GradCAM),
 #    B-cos ResNet-34 -> B-cos ResNet-18 and B-cos DenseNet-169 -> B-cos ResNet-18.
@@ -106,6 +108,7 @@ run() {  # run a command, copy its output to the summary; a failure is recorded,
   echo "(took $((SECONDS - start)) s)" | tee -a "$OUT/summary.md"
 }
 
+run cuda_tests "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py
 # shellcheck disable=SC2086
 run step_gradcam "$PYTHON" -m benchmarks.step --pair gradcam "${GC[@]}" "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --json "$OUT/step_gradcam.json"
 # shellcheck disable=SC2086

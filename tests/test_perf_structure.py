@@ -404,6 +404,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
         assert (tmp_path / f"{name}.json").is_file(), name
     tput = json.loads((tmp_path / "throughput_bcos_lam1.json").read_text())
     assert tput["images_per_s"] > 0 and tput["steps"] == 2
+    assert "## cuda_tests" in summary and "skipped" in summary.split("## cuda_tests", 1)[1].split("##", 1)[0]
     # the trainer section: teacher, e2KD under torchrun, store, frozen e2KD, all finished and tabulated
     for run in ("teacher", "e2kd", "e2kd-frozen"):
         assert json.loads((tmp_path / "runs" / run / "results.json").read_text())["steps"] > 0, run
