@@ -76,8 +76,11 @@ def test_trainer_runs_on_the_gpu_with_data_on_the_device(tmp_path, amp):
     assert env["cuda"] is not None and env["world_size"] == 1
 
 
-def test_compiled_bcos_kd_step_on_the_gpu(tmp_path):
-    # plain KD compiles (one graph, see test_bcos_layers); e2KD is refused before any work
+def test_compiled_bcos_kd_step_on_the_gpu(tmp_path, monkeypatch):
+    # plain KD compiles (one graph, see test_bcos_layers); e2KD is refused before any work. Through
+    # AOTAutograd's eager backend, to keep this quick: gpu.sh's step_compiled runs inductor
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="aot_eager", **kw))
     from _train_helpers import TinyBcosNet  # noqa: F401 - registers tiny_bcos_test_net
     from e2kd.train.build import build_model, save_model
 
