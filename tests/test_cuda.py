@@ -46,7 +46,10 @@ def test_augmentation_on_the_gpu_matches_the_cpu(kind):
     a = augment_batch(cpu, kind, seed=3, step=5)
     b = augment_batch(gpu, kind, seed=3, step=5)
     assert b["image"].is_cuda and b["mask"].is_cuda
-    torch.testing.assert_close(b["image"].cpu(), a["image"], rtol=0, atol=2e-3)  # grid_sample rounding differs
+    # grid_sample rounds differently on the two devices, and RandAugment's quantising ops
+    # (posterize, solarize, equalize) can move a pixel that sits on a level's edge by one level
+    diff = (b["image"].cpu() - a["image"]).abs()
+    assert diff.mean() < 1e-4 and (diff > 2e-3).float().mean() < 0.01
     # nearest-neighbour masks may flip at a sampling point that sits on a pixel edge
     assert (b["mask"].cpu() != a["mask"]).float().mean() < 0.01
 
