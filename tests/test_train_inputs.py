@@ -211,9 +211,10 @@ def test_compiled_bcos_kd_trains(tmp_path, fast_compile):
 
 
 def test_distiller_refuses_a_compiled_student_on_explaining_steps_only():
-    """The core, for loops of one's own: an explaining step of a compiled student is refused (it
-    would need the compiled graph's second-order gradient); a step without the explanation term
-    runs compiled, and the teacher may be compiled."""
+    """The core, for loops of one's own: an explainer refuses create_graph=True on a compiled model
+    (it would need the compiled graph's second-order gradient), so an explaining step of a compiled
+    student is refused, and so is guidance of a compiled model; a step without the explanation term
+    runs compiled, and the teacher may be compiled (it is explained without create_graph)."""
     import e2kd
 
     torch.manual_seed(0)
@@ -221,7 +222,7 @@ def test_distiller_refuses_a_compiled_student_on_explaining_steps_only():
     compiled = torch.compile(student, backend="eager")
     x = torch.rand(2, 3, 8, 8)
     d = e2kd.Distiller(torch.compile(teacher, backend="eager"), compiled, explainer="gradcam", lam=1.0, explain_every=2)
-    with pytest.raises(ValueError, match="student is compiled.*uncompiled student.*lam=0"):
+    with pytest.raises(ValueError, match="GradCAM: the model is compiled.*uncompiled student, or lam=0"):
         d(x)
     d.calls = 1  # the next step does not explain: KD through the compiled student
     out = d(x)
@@ -234,6 +235,6 @@ def test_distiller_refuses_a_compiled_student_on_explaining_steps_only():
     assert is_compiled(ddp_like) and not is_compiled(student)
     from e2kd.guidance import GuidanceLoss
 
-    with pytest.raises(ValueError, match="GuidanceLoss: the model is compiled.*uncompiled model"):
+    with pytest.raises(ValueError, match="the model is compiled.*Explain the uncompiled model"):
         GuidanceLoss(kind="energy")(compiled, x, torch.tensor([0, 1]), torch.ones(2, 1, 8, 8))
     torch._dynamo.reset()

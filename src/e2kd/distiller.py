@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .explain.base import Explainer, TargetOutOfRange, create, is_compiled
+from .explain.base import Explainer, TargetOutOfRange, create
 from .losses import explanation_loss, kd_loss, multilabel_kd_loss
 
 __all__ = ["Distiller"]
@@ -184,13 +184,6 @@ class Distiller(nn.Module):
         student_maps = None
         if explain:
             grad = torch.is_grad_enabled()
-            if grad and is_compiled(self.student):
-                raise ValueError(
-                    "the student is compiled (torch.compile) and this step differentiates its explanation a second "
-                    "time, which compiled graphs do not support: torch either fails or drops the explanation "
-                    "term's gradient without an error. Give the Distiller the uncompiled student (compiling the "
-                    "teacher is fine), or set lam=0 for plain KD"
-                )
             try:
                 out = self.student_explainer(self.student, x, target, create_graph=grad)
             except TargetOutOfRange as err:

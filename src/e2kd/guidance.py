@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .explain.base import Explainer, create, is_compiled
+from .explain.base import Explainer, create
 from .metrics.localisation import as_attribution_maps, energy_pointing_game
 
 __all__ = ["GuidanceLoss", "energy_loss", "l1_loss", "contrast_weights", "GUIDANCE_KINDS"]
@@ -233,12 +233,6 @@ class GuidanceLoss(nn.Module):
         """
         if not torch.is_tensor(labels) or not torch.is_tensor(masks):
             raise ValueError("GuidanceLoss: labels and masks must be tensors")
-        if is_compiled(model):
-            raise ValueError(
-                "GuidanceLoss: the model is compiled (torch.compile), and guidance differentiates its explanation "
-                "a second time, which compiled graphs do not support (torch fails, or drops the guidance term's "
-                "gradient without an error); pass the uncompiled model"
-            )
         target, target_masks, guided = self._targets(labels, masks, x.shape[0])
         if self.contrast:
             target = functools.partial(contrast_weights, target)

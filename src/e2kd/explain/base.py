@@ -138,13 +138,23 @@ class Explainer:
       explains those classes.
     * ``create_graph=True`` keeps the maps (and logits) differentiable with respect to the
       model's parameters (double backpropagation through :func:`torch.autograd.grad`);
-      ``False`` returns detached tensors and keeps no graph.
+      ``False`` returns detached tensors and keeps no graph. A ``torch.compile``-d model is
+      refused here (ValueError): its graph has no second-order gradient, and depending on the
+      graph torch fails or drops the maps' dependence on the parameters without an error.
     """
 
     name: str = "explainer"
 
     def __call__(self, model: nn.Module, x: torch.Tensor, target=None, *, create_graph: bool = False) -> Explanation:
         check_input(x, type(self).__name__)
+        if create_graph and is_compiled(model):
+            raise ValueError(
+                f"{type(self).__name__}: the model is compiled (torch.compile), and create_graph=True (what e²KD's "
+                "student and model guidance need) differentiates its explanation a second time, which compiled "
+                "graphs do not support: torch fails, or drops the explanation's gradient without an error. Explain "
+                "the uncompiled model (e2kd.Distiller: give it the uncompiled student, or lam=0 for plain KD; "
+                "compiling the teacher is fine)"
+            )
         with torch.enable_grad():
             out = self.explain(model, x, target, create_graph=create_graph)
         if not create_graph:
