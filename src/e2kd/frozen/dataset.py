@@ -69,7 +69,11 @@ class FrozenDataset(torch.utils.data.Dataset):
             self.batch = self._batch
             if callable(getattr(base_dataset, "to_device", None)):
                 self.to_device = self._to_device
-                self.nbytes = getattr(base_dataset, "nbytes", 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the base dataset's tensors (what :meth:`to_device` moves; the store stays)."""
+        return int(getattr(self.base, "nbytes", 0))
 
     def _to_device(self, device) -> "FrozenDataset":
         """The same wrapper over the base dataset placed on ``device`` (its ``to_device``); the

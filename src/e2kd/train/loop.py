@@ -492,9 +492,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             return save_checkpoint(ckpt_dir, step=step, model=model, optimizer=optimizer, state=state, keep=cfg.keep_checkpoints)
         return None
 
-    def forward_loss(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        x = batch["image"].to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True)
+    def forward_loss(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:  # batch: on the device already
+        x, y = batch["image"], batch["label"]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
@@ -502,8 +501,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
                 if frozen is not None:
                     out = distiller(
                         x,
-                        teacher_logits=batch["teacher_logits"].to(device, non_blocking=True),
-                        teacher_maps=batch["teacher_maps"].to(device, non_blocking=True),
+                        teacher_logits=batch["teacher_logits"],
+                        teacher_maps=batch["teacher_maps"],
                     )
                 else:
                     out = distiller(x)
@@ -517,7 +516,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             elif guidance is not None:
                 # Multi-label class draws depend on (seed, data position) only: resumable.
                 guidance.generator.manual_seed(cfg.seed * 1_000_003 + stream.position)
-                out = guidance(net, x, y, batch["mask"].to(device, non_blocking=True))
+                out = guidance(net, x, y, batch["mask"])
                 loss = out["loss"]
                 terms = {
                     "cls_loss": out["cls_loss"],
