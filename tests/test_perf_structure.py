@@ -553,3 +553,31 @@ def test_augment_benchmark_times_every_kind_against_rrc_flip():
     rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
     assert [r[0].strip() for r in rows] == ["flip", "crop_flip", "rrc_flip", "rrc_flip_randaug"]
     assert float(rows[2][2]) == 1.0 and all(float(r[1]) > 0 for r in rows)
+
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_second_weight_gradient_of_a_small_output_convolution_is_added_in_place(layout):
+    """Two gradients of one weight through :class:`_Conv2d` at <= 4 output pixels (matrix-product
+    weight gradients, as a B-cos student's last stage in an e²KD step at 64 px): autograd sums
+    them into the first one's memory (``add_``), not into a new weight-sized tensor (``add``),
+    which it does only when the weight gradient is a tensor of its own, not a view. Values as
+    the native convolution's."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 6, 3, 3).to(memory_format=layout).requires_grad_(True)
+    x1, x2 = torch.randn(2, 6, 2, 2), torch.randn(2, 6, 2, 2)
+    assert _conv.prefer_conv2d_function(x1, w, (1, 1), (1, 1))
+    loss = sum((_conv._Conv2d.apply(x, w, (1, 1), (1, 1)) * k).sum() for k, x in ((1.0, x1), (2.0, x2)))
+    # the profiler, not a dispatch mode: a mode's own references would keep autograd from
+    # reusing the first gradient's memory
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    sums = [(e.name, e.input_shapes[0]) for e in prof.events() if e.name in ("aten::add", "aten::add_")]
+    assert sums == [("aten::add_", list(w.shape))], sums
+    ref = w.detach().clone().requires_grad_(True)
+    (torch.nn.functional.conv2d(x1, ref, padding=1).sum() + 2 * torch.nn.functional.conv2d(x2, ref, padding=1).sum()).backward()
+    torch.testing.assert_close(w.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        g = _conv.matmul_weight_grad(x1, torch.randn(2, 8, 2, 2), tuple(w.shape), (1, 1), (1, 1),
+                                     channels_last=layout is torch.channels_last)
+    assert g._base is None and g.is_contiguous(memory_format=layout)

@@ -107,14 +107,18 @@ def matmul_weight_grad(
     rows = g.flatten(2).transpose(0, 1).reshape(o, -1)  # (O, N·P), same (n, p) order
     if torch.is_grad_enabled():
         out = rows @ cols
-    else:
-        # not a view of a temporary: autograd adds a second gradient of the same weight into a
-        # tensor it solely owns in place, where a view would cost a new weight-sized sum
-        out = torch.empty(o, cols.shape[1], dtype=rows.dtype, device=rows.device)
-        torch.mm(rows, cols, out=out)
-    if channels_last:
-        return out.view(o, kh, kw, c).permute(0, 3, 1, 2)
-    return out.view(weight_shape)
+        if channels_last:
+            return out.view(o, kh, kw, c).permute(0, 3, 1, 2)
+        return out.view(weight_shape)
+    # Outside a differentiated backward, the product is written into a weight-shaped tensor
+    # that is returned itself, not a view: autograd adds a second gradient of the same weight
+    # in place only into a tensor that solely owns its memory (a view shares it with its base),
+    # and otherwise allocates and writes a new weight-sized sum.
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(weight_shape, dtype=rows.dtype, device=rows.device, memory_format=fmt)
+    flat = out.permute(0, 2, 3, 1) if channels_last else out  # memory order (O, kh, kw, C) / (O, C, kh, kw)
+    torch.mm(rows, cols, out=flat.view(o, cols.shape[1]))
+    return out
 
 
 def _needed(ctx, i: int) -> bool:
