@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -581,3 +582,20 @@ def test_second_weight_gradient_of_a_small_output_convolution_is_added_in_place(
         g = _conv.matmul_weight_grad(x1, torch.randn(2, 8, 2, 2), tuple(w.shape), (1, 1), (1, 1),
                                      channels_last=layout is torch.channels_last)
     assert g._base is None and g.is_contiguous(memory_format=layout)
+
+
+def test_bcos_v2_benchmark_checks_equal_values_and_times_all_steps():
+    """The side-by-side benchmark against the B-cos v2 package: both sides give the same teacher
+    explanations and the same e²KD loss before any step, and every step is timed."""
+    cmd = [sys.executable, "-m", "benchmarks.bcos_v2", "--size", "32", "--batch", "2", "--threads", "1", "--steps", "1",
+           "--warmup", "0", "--classes", "10"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    check = next(line for line in res.stdout.splitlines() if line.startswith("# check:"))
+    ours, theirs = (float(v) for v in re.findall(r"([0-9.]+) \((?:e2kd|bcos)\)", check))
+    assert abs(ours - theirs) <= 1e-4 * abs(theirs), check
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in res.stdout.splitlines()
+            if line.startswith("| e2kd_") or line.startswith("| v2_")}
+    assert list(rows) == ["e2kd_kd", "e2kd_e2kd", "v2_kd", "v2_kd_graph", "v2_e2kd"], res.stdout
+    assert all(float(r[0]) > 0 for r in rows.values())
+    assert float(rows["e2kd_kd"][3]) == 1.0 and float(rows["v2_kd"][3]) == 1.0  # each KD against itself

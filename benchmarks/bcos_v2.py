@@ -1,0 +1,206 @@
+"""B-cos KD and e²KD steps of e2kd against the same steps on the B-cos v2 authors' layers, side by side.
+
+    python -m benchmarks.bcos_v2 --size 64 --batch 16 --threads 2 --steps 8
+
+The ``bcos`` package (PyPI, Apache-2.0, github.com/B-cos/B-cos-v2; a test dependency of this
+project) holds the authors' B-cos layers and models. This script builds its ResNet-34 teacher
+and ResNet-18 student, loads their weights into e2kd's models (``load_bcos_v2_weights``: the
+same keys), checks that both compute the same teacher logits and explanations, then times,
+interleaved in one process (``--steps`` rounds after ``--warmup``), with the same loss
+functions and the same optimiser (the trainer's fused Adam):
+
+* ``e2kd_kd``: e2kd's models, KD written by hand (teacher forward under ``no_grad``);
+* ``e2kd_e2kd``: ``e2kd.Distiller(teacher, student, explainer="bcos", lam=1)`` (the exact
+  gradient: one student forward, factors constant only inside the explanation's backward);
+* ``v2_kd``: the ``bcos`` models, the same KD step;
+* ``v2_kd_graph``: the ``bcos`` models, KD with the teacher run in explanation mode on an input
+  that requires grad (its graph kept through the step, as a KD step that shares the teacher
+  pass with e²KD keeps it);
+* ``v2_e2kd``: the ``bcos`` models, the straightforward e²KD step their API allows: the teacher
+  explained in ``explanation_mode()`` (gradient of the top-1 logit with respect to the encoded
+  input, parameters frozen), the student run **once** inside ``explanation_mode()`` for both
+  the KD logits and ``W(x)`` (``create_graph=True``), one ``backward()``. The package detaches
+  the dynamic factors at forward time and has no backward-time switch, so this step's gradient
+  leaves out every term through the factors (the KD term's included): it does less work than
+  e2kd's exact step, which makes it the cheaper baseline to compare with.
+
+Prints the value check, then per step: median step time, saved-for-backward memory of one step,
+and paired ratios (median over rounds of one step's time / another's in the same round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import e2kd
+from e2kd.bcos import BcosExplainer, load_bcos_v2_weights
+from e2kd.models import create_model
+from e2kd.train.config import OptimConfig, OptimizerName
+from e2kd.train.optim import build_optimizer
+
+from .step import add_heap_arg, apply_heap_arg, paired_ratio, saved_bytes
+
+STEPS = ("e2kd_kd", "e2kd_e2kd", "v2_kd", "v2_kd_graph", "v2_e2kd")
+
+
+def _import_bcos():
+    try:
+        import bcos.models.pretrained as v2
+    except ImportError as err:
+        raise SystemExit(
+            f"benchmarks.bcos_v2 needs the B-cos v2 package ({err}); install it with "
+            "`pip install bcos==0.1.3` (it is in this project's [test] extra: make install)"
+        ) from None
+    return v2
+
+
+def _encode(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, 1 - x], dim=1)
+
+
+class Steps:
+    """The five steps over one pair of weights (see the module docstring)."""
+
+    def __init__(self, args):
+        v2 = _import_bcos()
+        torch.manual_seed(0)
+        self.v2_teacher = v2.resnet34(pretrained=False, num_classes=args.classes).eval().requires_grad_(False)
+        self.v2_student = v2.resnet18(pretrained=False, num_classes=args.classes).train()
+        self.teacher = create_model("bcos_resnet34", num_classes=args.classes).eval()
+        self.student = create_model("bcos_resnet18", num_classes=args.classes).train()
+        load_bcos_v2_weights(self.teacher, self.v2_teacher.state_dict())
+        load_bcos_v2_weights(self.student, self.v2_student.state_dict())
+        self.distiller = e2kd.Distiller(self.teacher, self.student, explainer="bcos", lam=1.0)
+        cfg = OptimConfig(name=OptimizerName.adam, lr=1e-4)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.v2_params = [p for p in self.v2_student.parameters() if p.requires_grad]
+        self.opt = build_optimizer(self.params, cfg)
+        self.v2_opt = build_optimizer(self.v2_params, cfg)
+
+    # --- e2kd --------------------------------------------------------------------------
+    def e2kd_kd(self, x):
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            t = self.teacher(x)
+        e2kd.kd_loss(self.student(x), t, 1.0).backward(inputs=self.params)
+        self.opt.step()
+
+    def e2kd_e2kd(self, x):
+        self.opt.zero_grad(set_to_none=True)
+        self.distiller(x)["loss"].backward(inputs=self.params)
+        self.opt.step()
+
+    # --- the bcos package ---------------------------------------------------------------
+    def v2_kd(self, x):
+        self.v2_opt.zero_grad(set_to_none=True)
+        xe = _encode(x)
+        with torch.no_grad():
+            t = self.v2_teacher(xe)
+        e2kd.kd_loss(self.v2_student(xe), t, 1.0).backward()
+        self.v2_opt.step()
+
+    def v2_kd_graph(self, x):
+        self.v2_opt.zero_grad(set_to_none=True)
+        xt = _encode(x).requires_grad_(True)
+        with self.v2_teacher.explanation_mode():
+            t = self.v2_teacher(xt)
+        e2kd.kd_loss(self.v2_student(_encode(x)), t.detach(), 1.0).backward()
+        self.v2_opt.step()
+
+    def v2_teacher_explanation(self, x):
+        xt = _encode(x).requires_grad_(True)
+        with self.v2_teacher.explanation_mode():
+            t = self.v2_teacher(xt)
+            target = t.argmax(dim=1, keepdim=True)
+            (w,) = torch.autograd.grad(t.gather(1, target).sum(), xt)
+        return t.detach(), w, target
+
+    def v2_e2kd_loss(self, x):
+        t, wt, target = self.v2_teacher_explanation(x)
+        xs = _encode(x).requires_grad_(True)
+        with self.v2_student.explanation_mode():
+            s = self.v2_student(xs)
+            (ws,) = torch.autograd.grad(s.gather(1, target).sum(), xs, create_graph=True)
+        return e2kd.kd_loss(s, t, 1.0) + e2kd.explanation_loss(ws, wt)
+
+    def v2_e2kd(self, x):
+        self.v2_opt.zero_grad(set_to_none=True)
+        self.v2_e2kd_loss(x).backward()
+        self.v2_opt.step()
+
+    def check(self, x) -> str:
+        """Before any step: the same teacher logits and explanations on both sides, and the same
+        e²KD loss value (KD + explanation term); raises if not."""
+        ours = BcosExplainer().explain(self.teacher, x, None, create_graph=False)
+        t, w, target = self.v2_teacher_explanation(x)
+        # up to a constant: the bcos ImageNet configurations fix the logit bias at log(1/999)
+        # whatever the number of classes (ours: log(1/(C-1))); softmax and KD do not see it
+        centre = lambda z: z - z.mean(dim=1, keepdim=True)  # noqa: E731
+        dl = (centre(ours.logits) - centre(t)).abs().max().item()
+        dw = ((ours.maps - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+        loss, v2_loss = self.distiller(x)["loss"].item(), self.v2_e2kd_loss(x).item()
+        self.student.zero_grad(set_to_none=True)
+        dloss = abs(loss - v2_loss) / max(abs(v2_loss), 1e-30)
+        if not torch.equal(ours.target, target.flatten()) or dl > 1e-4 or dw > 1e-3 or dloss > 1e-4:
+            raise RuntimeError(
+                f"e2kd and bcos disagree: teacher logits by {dl:.2e}, teacher W(x) by {dw:.2e} (relative), "
+                f"e2KD loss {loss:.6g} vs {v2_loss:.6g}"
+            )
+        return (f"teacher logits (centred) max |diff| {dl:.1e}, W(x) max relative diff {dw:.1e}, same top-1 classes; "
+                f"e²KD loss {loss:.6f} (e2kd) vs {v2_loss:.6f} (bcos)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--classes", type=int, default=1000)
+    add_heap_arg(p)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.size < 32 or args.classes < 2:
+        p.error("need --steps >= 1, --batch >= 1, --size >= 32 and --classes >= 2")
+    apply_heap_arg(p, args)
+    torch.set_num_threads(args.threads)
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# torch {torch.__version__}, CPU, {args.threads} threads, B-cos ResNet-34 -> ResNet-18, "
+          f"{args.size} px, batch {args.batch}, {args.steps} interleaved rounds after {args.warmup}, "
+          f"malloc top pad {args.malloc_top_pad} MiB")
+    steps = Steps(args)
+    torch.manual_seed(2)
+    x = torch.rand(args.batch, 3, args.size, args.size)
+    print(f"# check: {steps.check(x)}")
+    fns = {name: getattr(steps, name) for name in STEPS}
+    saved = {name: saved_bytes(f, x) / 2**20 for name, f in fns.items()}
+    for _ in range(args.warmup):
+        for f in fns.values():
+            f(x)
+    times = {name: [] for name in fns}
+    for _ in range(args.steps):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f(x)
+            times[name].append(time.perf_counter() - t0)
+    print("| step | median (ms) | saved for backward (MiB) | paired ratio to v2 (same kind) | paired ratio to its own KD |")
+    print("|---|---:|---:|---:|---:|")
+    against = {"e2kd_kd": "v2_kd", "e2kd_e2kd": "v2_e2kd"}
+    own_kd = {"e2kd_kd": "e2kd_kd", "e2kd_e2kd": "e2kd_kd", "v2_kd": "v2_kd", "v2_kd_graph": "v2_kd", "v2_e2kd": "v2_kd"}
+    for name in fns:
+        ref = f"{paired_ratio(times[name], times[against[name]]):.2f}" if name in against else "–"
+        print(f"| {name} | {1000 * statistics.median(times[name]):.0f} | {saved[name]:.0f} | {ref} | "
+              f"{paired_ratio(times[name], times[own_kd[name]]):.2f} |")
+    print(f"# v2_e2kd / v2_kd_graph (paired): {paired_ratio(times['v2_e2kd'], times['v2_kd_graph']):.2f}")
+    for name in fns:
+        print(f"#   {name} step times (ms): {[round(1000 * t, 1) for t in times[name]]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

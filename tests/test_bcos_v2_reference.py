@@ -1,0 +1,123 @@
+"""The B-cos models and explanations against the B-cos v2 authors' own package.
+
+``bcos`` (PyPI, Apache-2.0, github.com/B-cos/B-cos-v2) is the code that trained the released
+B-cos v2 checkpoints. Its networks are built here with random weights and non-trivial batch-norm
+statistics, their state dict is loaded into ours with :func:`load_bcos_v2_weights` (strict: the
+same key names and shapes), and both are run on the same images: the logits (evaluation and
+training mode), the running statistics a training-mode pass leaves, and the explanation
+``W(x)`` of the top-1 class, which the ``bcos`` package computes as the gradient of that logit
+with respect to its six-channel input inside its forward-time ``explanation_mode()``. Ours comes
+from :class:`BcosExplainer` both ways it runs: as a teacher (forward-time explanation mode) and
+as a student (one ordinary forward, factors constant only in the explanation's backward).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import bcos.models.pretrained as bcos_v2
+from e2kd.bcos import BcosExplainer, load_bcos_v2_weights
+from e2kd.models import create_model
+
+# ours, theirs, image size (the ViT's position embedding is built for 224 px)
+CASES = [
+    ("bcos_resnet18", "resnet18", 64),
+    ("bcos_resnet34", "resnet34", 64),
+    ("bcos_resnet50", "resnet50", 64),
+    ("bcos_densenet121", "densenet121", 64),
+    ("bcos_densenet169", "densenet169", 64),
+    ("bcos_vit_tiny", "simple_vit_ti_patch16_224", 224),
+]
+
+
+def _encode(x: torch.Tensor) -> torch.Tensor:
+    """The ``bcos`` models take the encoded six-channel image [x, 1 - x] (their data transform)."""
+    return torch.cat([x, 1 - x], dim=1)
+
+
+def _norms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _reference(theirs: str, size: int) -> torch.nn.Module:
+    """A ``bcos`` network with random weights whose running variances are those of real batches
+    (the initial ones, all 1, let activations shrink layer by layer until the logits are the
+    logit bias alone and every explanation is ~1e-12)."""
+    torch.manual_seed(0)
+    model = getattr(bcos_v2, theirs)(pretrained=False)
+    norms = _norms(model)
+    if norms:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for m in norms:
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.momentum = 1.0  # running statistics := this batch's
+            model.train()
+            model(_encode(torch.rand(8, 3, size, size, generator=g)))
+            for m in norms:
+                m.momentum = 0.1
+    return model.eval()
+
+
+def _their_explanation(model, x, target):
+    xe = _encode(x).requires_grad_(True)
+    with model.explanation_mode():
+        logits = model(xe)
+        (w,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), xe)
+    return logits.detach(), w
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4):
+    scale = b.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(a, b, rtol=0, atol=rel * scale)
+
+
+@pytest.mark.parametrize("ours,theirs,size", CASES, ids=[c[0] for c in CASES])
+def test_logits_and_explanations_equal_the_bcos_v2_package(ours, theirs, size):
+    ref = _reference(theirs, size)
+    model = create_model(ours, num_classes=1000).eval()
+    load_bcos_v2_weights(model, ref.state_dict())
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+
+    with torch.no_grad():
+        logits = model(x)
+        want = ref(_encode(x))
+    _close(logits, want, 1e-5)
+    # the network is not at the logit bias alone: explanations carry signal
+    assert (want - want.mean(dim=1, keepdim=True)).abs().max() > 1e-3
+
+    teacher = BcosExplainer().explain(model, x, None, create_graph=False)
+    their_logits, w = _their_explanation(ref, x, teacher.target)
+    assert torch.equal(teacher.target, their_logits.argmax(dim=1))
+    _close(teacher.maps, w)
+    student = BcosExplainer().explain(model, x, teacher.target, create_graph=True)
+    _close(student.maps.detach(), w)
+    contributions = BcosExplainer(output="contributions").explain(model, x, teacher.target, create_graph=False)
+    _close(contributions.maps, (w * _encode(x)).sum(dim=1, keepdim=True))
+    if "vit" in ours:
+        return  # the ViT adds position embeddings: not dynamic linear in the image alone
+    # dynamic linearity, checked on their side: W(x)·x̃ + logit bias = the explained logit
+    total = (w * _encode(x)).flatten(1).sum(dim=1) + math.log(1 / (1000 - 1))
+    _close(total, their_logits.gather(1, teacher.target.view(-1, 1)).flatten())
+
+
+@pytest.mark.parametrize("ours,theirs,size", [c for c in CASES if "vit" not in c[0]], ids=[c[0] for c in CASES if "vit" not in c[0]])
+def test_training_mode_logits_and_running_statistics_equal_the_bcos_v2_package(ours, theirs, size):
+    ref = _reference(theirs, size)
+    model = create_model(ours, num_classes=1000)
+    load_bcos_v2_weights(model, ref.state_dict())
+    model.train(), ref.train()
+    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(x)
+        want = ref(_encode(x))
+    _close(logits, want, 1e-5)
+    theirs_state, ours_state = ref.state_dict(), model.state_dict()
+    updated = [k for k in theirs_state if k.endswith("running_var")]
+    assert updated
+    for key in updated:
+        _close(ours_state[key], theirs_state[key], 1e-5)
