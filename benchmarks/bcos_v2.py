@@ -1,6 +1,7 @@
 """B-cos KD and e²KD steps of e2kd against the same steps on the B-cos v2 authors' layers, side by side.
 
     python -m benchmarks.bcos_v2 --size 64 --batch 16 --threads 2 --steps 8
+    python -m benchmarks.bcos_v2 --device cuda --size 224 --batch 128 --amp bf16 --channels-last
 
 The ``bcos`` package (PyPI, Apache-2.0, github.com/B-cos/B-cos-v2; a test dependency of this
 project) holds the authors' B-cos layers and models. This script builds its ResNet-34 teacher
@@ -31,6 +32,7 @@ and paired ratios (median over rounds of one step's time / another's in the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -43,7 +45,7 @@ from e2kd.models import create_model
 from e2kd.train.config import OptimConfig, OptimizerName
 from e2kd.train.optim import build_optimizer
 
-from .step import add_heap_arg, apply_heap_arg, paired_ratio, saved_bytes
+from .step import add_heap_arg, apply_heap_arg, paired_ratio, saved_bytes, sync
 
 STEPS = ("e2kd_kd", "e2kd_e2kd", "v2_kd", "v2_kd_graph", "v2_e2kd")
 
@@ -75,6 +77,13 @@ class Steps:
         self.student = create_model("bcos_resnet18", num_classes=args.classes).train()
         load_bcos_v2_weights(self.teacher, self.v2_teacher.state_dict())
         load_bcos_v2_weights(self.student, self.v2_student.state_dict())
+        fmt = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
+        device = getattr(args, "device", "cpu")
+        for m in (self.v2_teacher, self.v2_student, self.teacher, self.student):
+            m.to(device=device, memory_format=fmt)
+        amp = getattr(args, "amp", "none")
+        self.amp = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if amp == "bf16" \
+            else contextlib.nullcontext
         self.distiller = e2kd.Distiller(self.teacher, self.student, explainer="bcos", lam=1.0)
         cfg = OptimConfig(name=OptimizerName.adam, lr=1e-4)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
@@ -85,31 +94,39 @@ class Steps:
     # --- e2kd --------------------------------------------------------------------------
     def e2kd_kd(self, x):
         self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            t = self.teacher(x)
-        e2kd.kd_loss(self.student(x), t, 1.0).backward(inputs=self.params)
+        with self.amp():
+            with torch.no_grad():
+                t = self.teacher(x)
+            loss = e2kd.kd_loss(self.student(x), t, 1.0)
+        loss.backward(inputs=self.params)
         self.opt.step()
 
     def e2kd_e2kd(self, x):
         self.opt.zero_grad(set_to_none=True)
-        self.distiller(x)["loss"].backward(inputs=self.params)
+        with self.amp():
+            loss = self.distiller(x)["loss"]
+        loss.backward(inputs=self.params)
         self.opt.step()
 
     # --- the bcos package ---------------------------------------------------------------
     def v2_kd(self, x):
         self.v2_opt.zero_grad(set_to_none=True)
         xe = _encode(x)
-        with torch.no_grad():
-            t = self.v2_teacher(xe)
-        e2kd.kd_loss(self.v2_student(xe), t, 1.0).backward()
+        with self.amp():
+            with torch.no_grad():
+                t = self.v2_teacher(xe)
+            loss = e2kd.kd_loss(self.v2_student(xe), t, 1.0)
+        loss.backward()
         self.v2_opt.step()
 
     def v2_kd_graph(self, x):
         self.v2_opt.zero_grad(set_to_none=True)
         xt = _encode(x).requires_grad_(True)
-        with self.v2_teacher.explanation_mode():
-            t = self.v2_teacher(xt)
-        e2kd.kd_loss(self.v2_student(_encode(x)), t.detach(), 1.0).backward()
+        with self.amp():
+            with self.v2_teacher.explanation_mode():
+                t = self.v2_teacher(xt)
+            loss = e2kd.kd_loss(self.v2_student(_encode(x)), t.detach(), 1.0)
+        loss.backward()
         self.v2_opt.step()
 
     def v2_teacher_explanation(self, x):
@@ -130,7 +147,9 @@ class Steps:
 
     def v2_e2kd(self, x):
         self.v2_opt.zero_grad(set_to_none=True)
-        self.v2_e2kd_loss(x).backward()
+        with self.amp():
+            loss = self.v2_e2kd_loss(x)
+        loss.backward()
         self.v2_opt.step()
 
     def check(self, x) -> str:
@@ -163,20 +182,34 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast dtype, both sides")
+    p.add_argument("--channels-last", action="store_true", help="both sides' models and input")
     add_heap_arg(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.size < 32 or args.classes < 2:
         p.error("need --steps >= 1, --batch >= 1, --size >= 32 and --classes >= 2")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but torch sees no CUDA device")
     apply_heap_arg(p, args)
     torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(f"# {' '.join(sys.argv)}")
-    print(f"# torch {torch.__version__}, CPU, {args.threads} threads, B-cos ResNet-34 -> ResNet-18, "
-          f"{args.size} px, batch {args.batch}, {args.steps} interleaved rounds after {args.warmup}, "
+    print(f"# torch {torch.__version__}, {where}, B-cos ResNet-34 -> ResNet-18, {args.size} px, batch {args.batch}, "
+          f"amp {args.amp}, channels-last {args.channels_last}, {args.steps} interleaved rounds after {args.warmup}, "
           f"malloc top pad {args.malloc_top_pad} MiB")
     steps = Steps(args)
     torch.manual_seed(2)
-    x = torch.rand(args.batch, 3, args.size, args.size)
-    print(f"# check: {steps.check(x)}")
+    x = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # the check in full float32 (no TF32 convolutions on a GPU), before any step
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        print(f"# check: {steps.check(x)}")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     fns = {name: getattr(steps, name) for name in STEPS}
     saved = {name: saved_bytes(f, x) / 2**20 for name, f in fns.items()}
     for _ in range(args.warmup):
@@ -185,8 +218,10 @@ def main(argv=None) -> int:
     times = {name: [] for name in fns}
     for _ in range(args.steps):
         for name, f in fns.items():
+            sync(args.device)
             t0 = time.perf_counter()
             f(x)
+            sync(args.device)
             times[name].append(time.perf_counter() - t0)
     print("| step | median (ms) | saved for backward (MiB) | paired ratio to v2 (same kind) | paired ratio to its own KD |")
     print("|---|---:|---:|---:|---:|")

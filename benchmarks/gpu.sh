@@ -11,6 +11,8 @@
 # 1. Step benchmark (python -m benchmarks.step) at 224 px, batch 128, bf16 autocast, channels-last:
 #    KD, live e2KD, frozen e2KD, lam=0 and explain_every=4 for ResNet-34 -> ResNet-18 (GradCAM),
 #    B-cos ResNet-34 -> B-cos ResNet-18 and B-cos DenseNet-169 -> B-cos ResNet-18.
+#    The B-cos pair side by side with the same steps on the B-cos v2 authors' layers (python -m benchmarks.bcos_v2,
+#    same weights; needs the bcos package of the [test] extra).
 #    (extra) The B-cos operations check (python -m benchmarks.bcos_conv: previous, native, cheap, unpruned,
 #    first_order and default) and the top operators of the B-cos steps (python -m benchmarks.op_profile).
 # 2. Throughput of a short real distillation loop (python -m benchmarks.throughput, 50 steps on
@@ -114,6 +116,8 @@ run step_gradcam "$PYTHON" -m benchmarks.step --pair gradcam "${GC[@]}" "${DEV[@
 run step_bcos "$PYTHON" -m benchmarks.step --pair bcos "${BC[@]}" "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --json "$OUT/step_bcos.json"
 # shellcheck disable=SC2086
 run step_bcos_densenet "$PYTHON" -m benchmarks.step --pair bcos_densenet "${DN[@]}" --variants kd,e2kd,frozen "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --json "$OUT/step_bcos_densenet.json"
+# shellcheck disable=SC2086
+run bcos_v2 "$PYTHON" -m benchmarks.bcos_v2 "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST
 if [[ "$EXTRA" == 1 ]]; then
 # shellcheck disable=SC2086
 run bcos_conv "$PYTHON" -m benchmarks.bcos_conv "${BC[@]}" "${DEV[@]}" "${SIZE[@]}" --steps "${STEPS[1]}" $FAST

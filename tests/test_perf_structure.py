@@ -406,6 +406,8 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     tput = json.loads((tmp_path / "throughput_bcos_lam1.json").read_text())
     assert tput["images_per_s"] > 0 and tput["steps"] == 2
     assert "## cuda_tests" in summary and "skipped" in summary.split("## cuda_tests", 1)[1].split("##", 1)[0]
+    side_by_side = summary.split("## bcos_v2", 1)[1].split("\n## ", 1)[0]
+    assert "# check:" in side_by_side and "| v2_e2kd |" in side_by_side
     # the trainer section: teacher, e2KD under torchrun, store, frozen e2KD, all finished and tabulated
     for run in ("teacher", "e2kd", "e2kd-frozen"):
         assert json.loads((tmp_path / "runs" / run / "results.json").read_text())["steps"] > 0, run
