@@ -20,7 +20,7 @@ functions and the same optimiser (the trainer's fused Adam):
 * ``v2_e2kd``: the ``bcos`` models, the straightforward e²KD step their API allows: the teacher
   explained in ``explanation_mode()`` (gradient of the top-1 logit with respect to the encoded
   input, parameters frozen), the student run **once** inside ``explanation_mode()`` for both
-  the KD logits and ``W(x)`` (``create_graph=True``), one ``backward()``. The package detaches
+  the KD logits and ``W(x)`` (``create_graph=True``), one ``backward(inputs=parameters)``. The package detaches
   the dynamic factors at forward time and has no backward-time switch, so this step's gradient
   leaves out every term through the factors (the KD term's included): it does less work than
   e2kd's exact step, which makes it the cheaper baseline to compare with.
@@ -149,7 +149,7 @@ class Steps:
         self.v2_opt.zero_grad(set_to_none=True)
         with self.amp():
             loss = self.v2_e2kd_loss(x)
-        loss.backward()
+        loss.backward(inputs=self.v2_params)  # as ours: no gradient for the explained input
         self.v2_opt.step()
 
     def check(self, x) -> str:
