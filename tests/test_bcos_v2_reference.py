@@ -9,6 +9,11 @@ training mode), the running statistics a training-mode pass leaves, and the expl
 with respect to its six-channel input inside its forward-time ``explanation_mode()``. Ours comes
 from :class:`BcosExplainer` both ways it runs: as a teacher (forward-time explanation mode) and
 as a student (one ordinary forward, factors constant only in the explanation's backward).
+Gradients, in float64: of a KD loss in training mode (our hand-written backward functions against
+plain autograd through the package's layers), and of an explanation loss with the students in
+forward-time explanation mode (our second-order convolution path against PyTorch's double
+backward; the package has no backward-time switch, so the exact e²KD gradient has no
+counterpart there and is checked against finite differences in ``test_bcos_e2kd.py``).
 """
 
 from __future__ import annotations
@@ -121,3 +126,67 @@ def test_training_mode_logits_and_running_statistics_equal_the_bcos_v2_package(o
     assert updated
     for key in updated:
         _close(ours_state[key], theirs_state[key], 1e-5)
+
+
+def _grads(model):
+    # the package wraps its ViT as (model, logit layer): names start with "0." (the loader strips it)
+    return {n[2:] if n.startswith("0.") else n: p.grad.detach().clone()
+            for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare_grads(model, ref):
+    ours, theirs = _grads(model), _grads(ref)
+    assert set(ours) == set(theirs) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, want in theirs.items():
+        _close(ours[name], want, 1e-8)
+
+
+GRAD_CASES = [("bcos_resnet18", "resnet18", 64), ("bcos_densenet121", "densenet121", 64),
+              ("bcos_vit_tiny", "simple_vit_ti_patch16_224", 224)]
+
+
+@pytest.mark.parametrize("ours,theirs,size", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_training_gradients_equal_the_bcos_v2_package(ours, theirs, size):
+    """Our B-cos layers' hand-written backward passes (unit-norm weights, B-cos scale, batch
+    variance, normalisation, attention) against plain autograd through the package's layers:
+    the gradient of a KD loss in training mode, for every parameter."""
+    ref = _reference(theirs, size).train().double()
+    model = create_model(ours, num_classes=1000).train()
+    load_bcos_v2_weights(model, ref.state_dict())
+    model.double()
+    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    target = torch.randn(4, 1000, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    kd = lambda z: torch.nn.functional.kl_div(z.log_softmax(1), target.log_softmax(1), reduction="batchmean", log_target=True)  # noqa: E731
+    kd(ref(_encode(x))).backward()
+    kd(model(x)).backward()
+    _compare_grads(model, ref)
+
+
+@pytest.mark.parametrize("ours,theirs,size", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_explanation_loss_gradients_in_explanation_mode_equal_the_bcos_v2_package(ours, theirs, size):
+    """The second-order pass (our convolution and layer backward functions differentiated once
+    more) against PyTorch's own double backward through the package's layers. Both students run
+    in forward-time explanation mode, the only mode the package has, so both differentiate the
+    explanation with the dynamic factors detached; the loss compares W(x) with a fixed map."""
+    from e2kd.bcos import explanation_mode
+
+    ref = _reference(theirs, size).train().double()
+    model = create_model(ours, num_classes=1000).train()
+    load_bcos_v2_weights(model, ref.state_dict())
+    model.double()
+    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    target = torch.tensor([3, 1, 4, 1])
+    fixed = torch.randn(4, 6, size, size, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    xe = _encode(x).requires_grad_(True)
+    with ref.explanation_mode():
+        logits = ref(xe)
+        (w,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), xe, create_graph=True)
+    (1 - torch.nn.functional.cosine_similarity(w.flatten(1), fixed.flatten(1))).mean().backward()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with explanation_mode(model):
+        ours_w = BcosExplainer().explain(model, x, target, create_graph=True).maps
+    (1 - torch.nn.functional.cosine_similarity(ours_w.flatten(1), fixed.flatten(1))).mean().backward(inputs=params)
+    _close(ours_w.detach(), w.detach())
+    _compare_grads(model, ref)
