@@ -25,7 +25,7 @@ import torch
 
 import bcos.models.pretrained as bcos_v2
 from e2kd.bcos import BcosExplainer, load_bcos_v2_weights
-from e2kd.models import create_model
+from e2kd.models import create_model, load_weights
 
 # ours, theirs, image size (the ViT's position embedding is built for 224 px)
 CASES = [
@@ -190,3 +190,26 @@ def test_explanation_loss_gradients_in_explanation_mode_equal_the_bcos_v2_packag
     (1 - torch.nn.functional.cosine_similarity(ours_w.flatten(1), fixed.flatten(1))).mean().backward(inputs=params)
     _close(ours_w.detach(), w.detach())
     _compare_grads(model, ref)
+
+
+@pytest.mark.parametrize("source", ["bcos", "auto"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_saved_bcos_v2_state_dict_loads_as_a_teacher_checkpoint(source, suffix, tmp_path):
+    """What a user with a released B-cos v2 file does (``teacher.checkpoint=FILE``,
+    ``teacher.source=bcos`` or ``auto``): the package's own state dict, saved as the release files
+    are (``torch.save``) or as safetensors, loads through :func:`e2kd.models.load_weights` (what
+``build_teacher`` calls), and the
+    teacher predicts what the package's model predicts."""
+    from safetensors.torch import save_file
+
+    ref = _reference("resnet34", 64)
+    path = tmp_path / f"resnet_34{suffix}"
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    if suffix == ".pth":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    model = load_weights(create_model("bcos_resnet34", num_classes=1000), path, source=source).eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        _close(model(x), ref(_encode(x)), 1e-5)
