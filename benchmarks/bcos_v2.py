@@ -20,10 +20,13 @@ functions and the same optimiser (the trainer's fused Adam):
 * ``v2_e2kd``: the ``bcos`` models, the straightforward e²KD step their API allows: the teacher
   explained in ``explanation_mode()`` (gradient of the top-1 logit with respect to the encoded
   input, parameters frozen), the student run **once** inside ``explanation_mode()`` for both
-  the KD logits and ``W(x)`` (``create_graph=True``), one ``backward(inputs=parameters)``. The package detaches
-  the dynamic factors at forward time and has no backward-time switch, so this step's gradient
-  leaves out every term through the factors (the KD term's included): it does less work than
-  e2kd's exact step, which makes it the cheaper baseline to compare with.
+  the KD logits and ``W(x)`` (``create_graph=True``). The package detaches the dynamic factors
+  at forward time and has no backward-time switch, so this step's gradient leaves out every
+  term through the factors (the KD term's included): it does less work than e2kd's exact step,
+  which makes it the cheaper baseline to compare with.
+
+Every step ends alike: the gradient for the student's parameters only
+(``backward(inputs=...)``, none for an explained input) and the optimiser's update.
 
 Prints the value check, then per step: median step time, saved-for-backward memory of one step,
 and paired ratios (median over rounds of one step's time / another's in the same round).
@@ -36,6 +39,7 @@ import contextlib
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -46,9 +50,6 @@ from e2kd.train.config import OptimConfig, OptimizerName
 from e2kd.train.optim import build_optimizer
 
 from .step import add_heap_arg, apply_heap_arg, paired_ratio, saved_bytes, sync
-
-STEPS = ("e2kd_kd", "e2kd_e2kd", "v2_kd", "v2_kd_graph", "v2_e2kd")
-
 
 def _import_bcos():
     try:
@@ -66,7 +67,8 @@ def _encode(x: torch.Tensor) -> torch.Tensor:
 
 
 class Steps:
-    """The five steps over one pair of weights (see the module docstring)."""
+    """The five steps over one pair of weights (see the module docstring): each is a loss of its
+    own, then the same update (:meth:`step`)."""
 
     def __init__(self, args):
         v2 = _import_bcos()
@@ -77,57 +79,52 @@ class Steps:
         self.student = create_model("bcos_resnet18", num_classes=args.classes).train()
         load_bcos_v2_weights(self.teacher, self.v2_teacher.state_dict())
         load_bcos_v2_weights(self.student, self.v2_student.state_dict())
-        fmt = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
-        device = getattr(args, "device", "cpu")
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         for m in (self.v2_teacher, self.v2_student, self.teacher, self.student):
-            m.to(device=device, memory_format=fmt)
-        amp = getattr(args, "amp", "none")
-        self.amp = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if amp == "bf16" \
-            else contextlib.nullcontext
+            m.to(device=args.device, memory_format=fmt)
+        self.amp = (lambda: torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)) \
+            if args.amp == "bf16" else contextlib.nullcontext
         self.distiller = e2kd.Distiller(self.teacher, self.student, explainer="bcos", lam=1.0)
         cfg = OptimConfig(name=OptimizerName.adam, lr=1e-4)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.v2_params = [p for p in self.v2_student.parameters() if p.requires_grad]
         self.opt = build_optimizer(self.params, cfg)
         self.v2_opt = build_optimizer(self.v2_params, cfg)
+        ours, theirs = (self.opt, self.params), (self.v2_opt, self.v2_params)
+        self.losses = {
+            "e2kd_kd": (ours, self.e2kd_kd_loss),
+            "e2kd_e2kd": (ours, lambda x: self.distiller(x)["loss"]),
+            "v2_kd": (theirs, self.v2_kd_loss),
+            "v2_kd_graph": (theirs, self.v2_kd_graph_loss),
+            "v2_e2kd": (theirs, self.v2_e2kd_loss),
+        }
 
-    # --- e2kd --------------------------------------------------------------------------
-    def e2kd_kd(self, x):
-        self.opt.zero_grad(set_to_none=True)
+    def step(self, name: str, x: torch.Tensor) -> None:
+        """One training step: the loss, its gradient for the student's parameters only (none for
+        an explained input, as the trainer does), the optimiser's update."""
+        (opt, params), loss_fn = self.losses[name]
+        opt.zero_grad(set_to_none=True)
         with self.amp():
-            with torch.no_grad():
-                t = self.teacher(x)
-            loss = e2kd.kd_loss(self.student(x), t, 1.0)
-        loss.backward(inputs=self.params)
-        self.opt.step()
+            loss = loss_fn(x)
+        loss.backward(inputs=params)
+        opt.step()
 
-    def e2kd_e2kd(self, x):
-        self.opt.zero_grad(set_to_none=True)
-        with self.amp():
-            loss = self.distiller(x)["loss"]
-        loss.backward(inputs=self.params)
-        self.opt.step()
+    def e2kd_kd_loss(self, x):
+        with torch.no_grad():
+            t = self.teacher(x)
+        return e2kd.kd_loss(self.student(x), t, 1.0)
 
-    # --- the bcos package ---------------------------------------------------------------
-    def v2_kd(self, x):
-        self.v2_opt.zero_grad(set_to_none=True)
+    def v2_kd_loss(self, x):
         xe = _encode(x)
-        with self.amp():
-            with torch.no_grad():
-                t = self.v2_teacher(xe)
-            loss = e2kd.kd_loss(self.v2_student(xe), t, 1.0)
-        loss.backward()
-        self.v2_opt.step()
+        with torch.no_grad():
+            t = self.v2_teacher(xe)
+        return e2kd.kd_loss(self.v2_student(xe), t, 1.0)
 
-    def v2_kd_graph(self, x):
-        self.v2_opt.zero_grad(set_to_none=True)
+    def v2_kd_graph_loss(self, x):
         xt = _encode(x).requires_grad_(True)
-        with self.amp():
-            with self.v2_teacher.explanation_mode():
-                t = self.v2_teacher(xt)
-            loss = e2kd.kd_loss(self.v2_student(_encode(x)), t.detach(), 1.0)
-        loss.backward()
-        self.v2_opt.step()
+        with self.v2_teacher.explanation_mode():
+            t = self.v2_teacher(xt)
+        return e2kd.kd_loss(self.v2_student(_encode(x)), t.detach(), 1.0)
 
     def v2_teacher_explanation(self, x):
         xt = _encode(x).requires_grad_(True)
@@ -144,13 +141,6 @@ class Steps:
             s = self.v2_student(xs)
             (ws,) = torch.autograd.grad(s.gather(1, target).sum(), xs, create_graph=True)
         return e2kd.kd_loss(s, t, 1.0) + e2kd.explanation_loss(ws, wt)
-
-    def v2_e2kd(self, x):
-        self.v2_opt.zero_grad(set_to_none=True)
-        with self.amp():
-            loss = self.v2_e2kd_loss(x)
-        loss.backward(inputs=self.v2_params)  # as ours: no gradient for the explained input
-        self.v2_opt.step()
 
     def check(self, x) -> str:
         """Before any step: the same teacher logits and explanations on both sides, and the same
@@ -210,7 +200,7 @@ def main(argv=None) -> int:
         print(f"# check: {steps.check(x)}")
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    fns = {name: getattr(steps, name) for name in STEPS}
+    fns = {name: partial(steps.step, name) for name in steps.losses}
     saved = {name: saved_bytes(f, x) / 2**20 for name, f in fns.items()}
     for _ in range(args.warmup):
         for f in fns.values():
