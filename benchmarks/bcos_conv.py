@@ -13,7 +13,7 @@ and ``unpruned`` call ``loss.backward(inputs=trained parameters)`` as the traine
   ``Tensor.var``, a plain ``loss.backward()``;
 * ``native``: ``F.conv2d`` everywhere (its second-order pass goes through
   ``_convolution_double_backward``, its weight gradients through oneDNN / cuDNN);
-* ``cheap``: :class:`e2kd.bcos.layers._Conv2d` everywhere (transposed convolution for the input
+* ``cheap``: :class:`e2kd._conv._Conv2d` everywhere (transposed convolution for the input
   gradient, :func:`e2kd._conv.conv2d_weight_grad` for the weight gradients);
 * ``unpruned``: ``first_order`` with a plain ``loss.backward()``, which also differentiates the
   loss with respect to the explained input (what every step did before the trainer called

@@ -25,8 +25,24 @@ functions and the same optimiser (the trainer's fused Adam):
   term through the factors (the KD term's included): it does less work than e2kd's exact step,
   which makes it the cheaper baseline to compare with.
 
-Every step ends alike: the gradient for the student's parameters only
-(``backward(inputs=...)``, none for an explained input) and the optimiser's update.
+These five end alike: the gradient for the student's parameters only (``backward(inputs=...)``,
+none for an explained input) and the optimiser's update. Two more pairs compare whole training
+steps as each project's training code runs them, with the B-cos ImageNet settings both use
+(Adam, learning rate 1e-3, adaptive gradient clipping with factor 0.01):
+
+* ``e2kd_trainer_kd`` / ``e2kd_trainer_e2kd``: the two e2kd steps above followed by what
+  ``e2kd.train`` does with ``optim.agc_clip=0.01``: ``e2kd.train.optim.adaptive_grad_clip_``
+  and the fused Adam update;
+* ``authors_kd`` / ``authors_e2kd``: the training step of the e²KD authors' public code
+  (github.com/m-parchami/GoodTeachersExplain, ``TeachersExplain.explanation_aware_forward`` and
+  ``distillation_trainstep``; re-stated here, on the ``bcos`` package's models): the encoded
+  batch is marked ``requires_grad``; student and teacher both run on it inside their
+  ``explanation_mode()`` (so the teacher's graph is built in the KD step too); for e²KD, the
+  student's top-1 logits (the teacher's class) are back-propagated to the batch with
+  ``create_graph=True`` and then the teacher's without a graph; the loss's plain ``backward()``
+  (every leaf, the batch included), the ``bcos`` package's ``adaptive_clip_grad_`` and the
+  ``torch.optim.Adam`` its ``OptimizerFactory`` builds (PyTorch's default implementation for
+  the device).
 
 Prints the value check, then per step: median step time, saved-for-backward memory of one step,
 and paired ratios (median over rounds of one step's time / another's in the same round).
@@ -36,10 +52,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import statistics
 import sys
 import time
+import warnings
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -47,31 +66,55 @@ import e2kd
 from e2kd.bcos import BcosExplainer, load_bcos_v2_weights
 from e2kd.models import create_model
 from e2kd.train.config import OptimConfig, OptimizerName
-from e2kd.train.optim import build_optimizer
+from e2kd.train.optim import adaptive_grad_clip_, build_optimizer
 
 from .step import add_heap_arg, apply_heap_arg, paired_ratio, saved_bytes, sync
 
 def _import_bcos():
     try:
         import bcos.models.pretrained as v2
+        import bcos
+        from bcos.optim import OptimizerFactory
     except ImportError as err:
         raise SystemExit(
             f"benchmarks.bcos_v2 needs the B-cos v2 package ({err}); install it with "
             "`pip install bcos==0.1.3` (it is in this project's [test] extra: make install)"
         ) from None
-    return v2
+    # the package's gradient clipping, from its own file: `bcos.training` itself imports
+    # pytorch_lightning, which the package does not require and this project does not install
+    spec = importlib.util.spec_from_file_location("_bcos_agc", Path(bcos.__file__).parent / "training" / "agc.py")
+    agc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agc)
+    return v2, OptimizerFactory, agc.adaptive_clip_grad_
+
+
+AGC_CLIP = 0.01  # adaptive gradient clipping factor of both projects' B-cos ImageNet settings
 
 
 def _encode(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, 1 - x], dim=1)
 
 
+class Update:
+    """The end of a step: the gradient (for ``params`` only, or for every leaf), optionally a
+    gradient clipping, then the optimiser's update."""
+
+    def __init__(self, opt, params, clip=None, every_leaf=False):
+        self.opt, self.params, self.clip, self.every_leaf = opt, params, clip, every_leaf
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        loss.backward(inputs=None if self.every_leaf else self.params)
+        if self.clip is not None:
+            self.clip(self.params)
+        self.opt.step()
+
+
 class Steps:
-    """The five steps over one pair of weights (see the module docstring): each is a loss of its
-    own, then the same update (:meth:`step`)."""
+    """The steps over one pair of weights (see the module docstring): each is a loss of its own,
+    then an :class:`Update` (:meth:`step`)."""
 
     def __init__(self, args):
-        v2 = _import_bcos()
+        v2, OptimizerFactory, v2_agc = _import_bcos()
         torch.manual_seed(0)
         self.v2_teacher = v2.resnet34(pretrained=False, num_classes=args.classes).eval().requires_grad_(False)
         self.v2_student = v2.resnet18(pretrained=False, num_classes=args.classes).train()
@@ -90,24 +133,34 @@ class Steps:
         self.v2_params = [p for p in self.v2_student.parameters() if p.requires_grad]
         self.opt = build_optimizer(self.params, cfg)
         self.v2_opt = build_optimizer(self.v2_params, cfg)
-        ours, theirs = (self.opt, self.params), (self.v2_opt, self.v2_params)
+        ours, theirs = Update(self.opt, self.params), Update(self.v2_opt, self.v2_params)
+        # as each project's training code runs a step with its B-cos ImageNet settings
+        trainer_opt = build_optimizer(self.params, OptimConfig(name=OptimizerName.adam, lr=1e-3))
+        trainer = Update(trainer_opt, self.params, clip=partial(adaptive_grad_clip_, clip=AGC_CLIP))
+        authors_opt = OptimizerFactory(name="Adam", lr=1e-3).create(self.v2_student)
+        authors = Update(authors_opt, self.v2_params, clip=partial(v2_agc, clip_factor=AGC_CLIP), every_leaf=True)
         self.losses = {
             "e2kd_kd": (ours, self.e2kd_kd_loss),
-            "e2kd_e2kd": (ours, lambda x: self.distiller(x)["loss"]),
+            "e2kd_e2kd": (ours, self.e2kd_e2kd_loss),
             "v2_kd": (theirs, self.v2_kd_loss),
             "v2_kd_graph": (theirs, self.v2_kd_graph_loss),
             "v2_e2kd": (theirs, self.v2_e2kd_loss),
+            "e2kd_trainer_kd": (trainer, self.e2kd_kd_loss),
+            "e2kd_trainer_e2kd": (trainer, self.e2kd_e2kd_loss),
+            "authors_kd": (authors, partial(self.authors_loss, explain=False)),
+            "authors_e2kd": (authors, partial(self.authors_loss, explain=True)),
         }
 
     def step(self, name: str, x: torch.Tensor) -> None:
-        """One training step: the loss, its gradient for the student's parameters only (none for
-        an explained input, as the trainer does), the optimiser's update."""
-        (opt, params), loss_fn = self.losses[name]
-        opt.zero_grad(set_to_none=True)
+        """One training step: the loss, then its :class:`Update`."""
+        update, loss_fn = self.losses[name]
+        update.opt.zero_grad(set_to_none=True)
         with self.amp():
             loss = loss_fn(x)
-        loss.backward(inputs=params)
-        opt.step()
+        update(loss)
+
+    def e2kd_e2kd_loss(self, x):
+        return self.distiller(x)["loss"]
 
     def e2kd_kd_loss(self, x):
         with torch.no_grad():
@@ -142,6 +195,21 @@ class Steps:
             (ws,) = torch.autograd.grad(s.gather(1, target).sum(), xs, create_graph=True)
         return e2kd.kd_loss(s, t, 1.0) + e2kd.explanation_loss(ws, wt)
 
+    def authors_loss(self, x, explain: bool):
+        xe = _encode(x).requires_grad_(True)  # their data pipeline encodes; the step marks it
+        with self.v2_student.explanation_mode(), self.v2_teacher.explanation_mode():
+            s, t = self.v2_student(xe), self.v2_teacher(xe)
+            loss = e2kd.kd_loss(s, t.detach(), 1.0)
+            if explain:
+                rows = torch.arange(len(x), device=x.device)
+                top1 = t.argmax(dim=1)
+                s[rows, top1].sum().backward(inputs=[xe], create_graph=True, retain_graph=True)
+                ws, xe.grad = xe.grad, None
+                t[rows, top1].sum().backward(inputs=[xe])
+                wt, xe.grad = xe.grad.detach(), None
+                loss = loss + e2kd.explanation_loss(ws, wt)
+        return loss
+
     def check(self, x) -> str:
         """Before any step: the same teacher logits and explanations on both sides, and the same
         e²KD loss value (KD + explanation term); raises if not."""
@@ -153,15 +221,16 @@ class Steps:
         dl = (centre(ours.logits) - centre(t)).abs().max().item()
         dw = ((ours.maps - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
         loss, v2_loss = self.distiller(x)["loss"].item(), self.v2_e2kd_loss(x).item()
+        authors = self.authors_loss(x, explain=True).item()
         self.student.zero_grad(set_to_none=True)
-        dloss = abs(loss - v2_loss) / max(abs(v2_loss), 1e-30)
+        dloss = max(abs(loss - v2_loss), abs(loss - authors)) / max(abs(v2_loss), 1e-30)
         if not torch.equal(ours.target, target.flatten()) or dl > 1e-4 or dw > 1e-3 or dloss > 1e-4:
             raise RuntimeError(
                 f"e2kd and bcos disagree: teacher logits by {dl:.2e}, teacher W(x) by {dw:.2e} (relative), "
-                f"e2KD loss {loss:.6g} vs {v2_loss:.6g}"
+                f"e2KD loss {loss:.6g} vs {v2_loss:.6g} (bcos) and {authors:.6g} (the authors' step)"
             )
         return (f"teacher logits (centred) max |diff| {dl:.1e}, W(x) max relative diff {dw:.1e}, same top-1 classes; "
-                f"e²KD loss {loss:.6f} (e2kd) vs {v2_loss:.6f} (bcos)")
+                f"e²KD loss {loss:.6f} (e2kd) vs {v2_loss:.6f} (bcos) vs {authors:.6f} (authors' step)")
 
 
 def main(argv=None) -> int:
@@ -183,6 +252,9 @@ def main(argv=None) -> int:
         p.error("--device cuda asked for, but torch sees no CUDA device")
     apply_heap_arg(p, args)
     torch.set_num_threads(args.threads)
+    # the authors' step calls backward(create_graph=True) and then clears the input's .grad, as
+    # their code does; PyTorch warns about the pattern on every call
+    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(f"# {' '.join(sys.argv)}")
     print(f"# torch {torch.__version__}, {where}, B-cos ResNet-34 -> ResNet-18, {args.size} px, batch {args.batch}, "
@@ -213,10 +285,14 @@ def main(argv=None) -> int:
             f(x)
             sync(args.device)
             times[name].append(time.perf_counter() - t0)
-    print("| step | median (ms) | saved for backward (MiB) | paired ratio to v2 (same kind) | paired ratio to its own KD |")
+    print("| step | median (ms) | saved for backward (MiB) | paired ratio to v2 / the authors' step (same kind) | "
+          "paired ratio to its own KD |")
     print("|---|---:|---:|---:|---:|")
-    against = {"e2kd_kd": "v2_kd", "e2kd_e2kd": "v2_e2kd"}
-    own_kd = {"e2kd_kd": "e2kd_kd", "e2kd_e2kd": "e2kd_kd", "v2_kd": "v2_kd", "v2_kd_graph": "v2_kd", "v2_e2kd": "v2_kd"}
+    against = {"e2kd_kd": "v2_kd", "e2kd_e2kd": "v2_e2kd",
+               "e2kd_trainer_kd": "authors_kd", "e2kd_trainer_e2kd": "authors_e2kd"}
+    own_kd = {"e2kd_kd": "e2kd_kd", "e2kd_e2kd": "e2kd_kd", "v2_kd": "v2_kd", "v2_kd_graph": "v2_kd", "v2_e2kd": "v2_kd",
+              "e2kd_trainer_kd": "e2kd_trainer_kd", "e2kd_trainer_e2kd": "e2kd_trainer_kd",
+              "authors_kd": "authors_kd", "authors_e2kd": "authors_kd"}
     for name in fns:
         ref = f"{paired_ratio(times[name], times[against[name]]):.2f}" if name in against else "–"
         print(f"| {name} | {1000 * statistics.median(times[name]):.0f} | {saved[name]:.0f} | {ref} | "

@@ -152,7 +152,7 @@ def test_dynamic_factor_functions_have_the_exact_derivative_and_second_derivativ
 def test_conv_with_cheap_double_backward_matches_the_native_one(stride, padding, k, size):
     """_Conv2d (used on CUDA for trained B-cos weights) has the native convolution's value,
     gradients and second-order gradients, also where stride leaves rows unused (odd sizes)."""
-    from e2kd.bcos.layers import _Conv2d
+    from e2kd._conv import _Conv2d
 
     torch.manual_seed(0)
     st, pd = (stride, stride), (padding, padding)

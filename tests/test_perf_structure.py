@@ -37,7 +37,7 @@ class ConvBackwardLog(TorchDispatchMode):
     (input gradient, weight gradient, bias gradient).
 
     Three routes are seen: the native ``convolution_backward`` (its own output mask), a
-    transposed convolution (the input gradient of :class:`e2kd.bcos.layers._Conv2d`:
+    transposed convolution (the input gradient of :class:`e2kd._conv._Conv2d`:
     ``(True, False, False)``) and a weight gradient computed by
     :func:`e2kd._conv.conv2d_weight_grad` as a matrix product (``(False, True, False)``).
     """
@@ -298,11 +298,12 @@ class _CountingConv2d:
     """Stands in for :class:`e2kd._conv._Conv2d` and records the weight shapes it is applied to."""
 
     calls: list = []
+    original = _conv._Conv2d
 
     @staticmethod
     def apply(x, weight, stride, padding):
         _CountingConv2d.calls.append(tuple(weight.shape))
-        return _conv._Conv2d.apply(x, weight, stride, padding)
+        return _CountingConv2d.original.apply(x, weight, stride, padding)
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
@@ -312,7 +313,7 @@ def test_bcos_student_takes_the_second_order_convolution_only_when_explained(lam
     output pixels (none at 32 px here); the teacher's frozen convolutions never."""
     teacher, student, _ = _pair("bcos")
     _CountingConv2d.calls = []
-    monkeypatch.setattr(bcos_layers, "_Conv2d", _CountingConv2d)
+    monkeypatch.setattr(_conv, "_Conv2d", _CountingConv2d)
     out = e2kd.Distiller(teacher, student, explainer="bcos", lam=lam)(torch.rand(4, 3, 32, 32))
     out["loss"].backward()
     strided = sorted(tuple(m.weight.shape) for m in student.modules() if isinstance(m, torch.nn.Conv2d) and max(m.stride) > 1)
@@ -360,6 +361,88 @@ def test_frozen_teacher_unit_weights_follow_weight_updates():
     teacher.load_state_dict(other.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), other(x))
+
+
+class _CastLog(TorchDispatchMode):
+    """Records the shape of every ``aten._to_copy`` (a dtype cast) and the dtypes of every
+    convolution's gradient computation."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts, self.backward_dtypes = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            self.casts.append(tuple(args[0].shape))
+        elif func is torch.ops.aten.convolution_backward.default:
+            self.backward_dtypes.append((args[0].dtype, args[2].dtype))
+        return func(*args, **kwargs)
+
+
+def test_bcos_teacher_under_bf16_autocast_casts_its_weights_once_and_explains_in_bf16():
+    """Under autocast a frozen teacher's unit-norm weights are kept in the autocast dtype (not
+    cast again by every convolution of every step), its input gradient runs in the forward
+    convolutions' dtype, and its explanation stays that of the float32 teacher."""
+    teacher, _, _ = _pair("bcos")
+    teacher.requires_grad_(False)
+    weight_shapes = {tuple(m.weight.shape) for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)}
+    x = torch.rand(4, 3, 16, 16)
+    exact = BcosExplainer()(teacher, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        BcosExplainer()(teacher, x)  # the first call fills the cache
+        with _CastLog() as log:
+            half = BcosExplainer()(teacher, x)
+    assert not weight_shapes.intersection(log.casts), f"weights cast again: {log.casts}"
+    assert log.backward_dtypes and all(d == (torch.bfloat16, torch.bfloat16) for d in log.backward_dtypes), \
+        log.backward_dtypes
+    assert torch.equal(half.target, exact.target)
+    cos = torch.nn.functional.cosine_similarity(half.maps.float().flatten(1), exact.maps.flatten(1))
+    assert cos.min() > 0.995, cos
+    # a KD step's teacher (no graph): no weight cast either
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _CastLog() as log:
+        teacher(x)
+    assert not weight_shapes.intersection(log.casts), f"weights cast again: {log.casts}"
+
+
+@pytest.mark.parametrize("stride,padding", [((2, 2), (1, 1)), ((1, 1), (1, 1))])
+def test_second_order_convolution_under_autocast_matches_native_autocast_and_casts_once(stride, padding):
+    """``conv2d_function`` under bf16 autocast: the output, and the weight gradient of a loss on
+    the output and on the input gradient (second order), equal those of ``F.conv2d`` under
+    autocast exactly; the weight is cast once forward and its gradient once back, as autocast
+    does (the function alone cast it twice more in its backward passes)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    w = torch.randn(16, 8, 3, 3, requires_grad=True)
+
+    def run(conv):
+        with torch.autocast("cpu", dtype=torch.bfloat16), _CastLog() as log:
+            y = conv(x, w)
+            (gx,) = torch.autograd.grad(y[:, 0].sum(), x, create_graph=True)
+            loss = (gx * torch.linspace(-1, 1, gx.numel()).view_as(gx)).sum() + y.float().square().mean()
+            (gw,) = torch.autograd.grad(loss, w)
+        return y, gw, sum(c == tuple(w.shape) for c in log.casts)
+
+    ours = run(lambda x, w: _conv.conv2d_function(x, w, stride, padding))
+    native = run(lambda x, w: torch.nn.functional.conv2d(x, w, None, stride, padding))
+    assert ours[0].dtype == torch.bfloat16 and ours[1].dtype == torch.float32
+    assert torch.equal(ours[0], native[0]) and torch.equal(ours[1], native[1])
+    assert ours[2] == native[2] == 2
+
+
+def test_frozen_teacher_unit_weights_in_the_autocast_dtype_follow_weight_updates():
+    teacher, _, _ = _pair("bcos")
+    teacher.requires_grad_(False)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = teacher(x)
+        conv = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.weight.add_(torch.randn_like(conv.weight))
+        changed = teacher(x)
+    with torch.no_grad():
+        reference = teacher(x)
+    assert not torch.allclose(changed, before)
+    torch.testing.assert_close(changed.float(), reference, rtol=0.05, atol=0.05)
 
 
 def _env():
@@ -594,10 +677,11 @@ def test_bcos_v2_benchmark_checks_equal_values_and_times_all_steps():
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
     assert res.returncode == 0, res.stderr[-3000:]
     check = next(line for line in res.stdout.splitlines() if line.startswith("# check:"))
-    ours, theirs = (float(v) for v in re.findall(r"([0-9.]+) \((?:e2kd|bcos)\)", check))
-    assert abs(ours - theirs) <= 1e-4 * abs(theirs), check
+    ours, theirs, authors = (float(v) for v in re.findall(r"([0-9.]+) \((?:e2kd|bcos|authors' step)\)", check))
+    assert abs(ours - theirs) <= 1e-4 * abs(theirs) and abs(ours - authors) <= 1e-4 * abs(theirs), check
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in res.stdout.splitlines()
-            if line.startswith("| e2kd_") or line.startswith("| v2_")}
-    assert list(rows) == ["e2kd_kd", "e2kd_e2kd", "v2_kd", "v2_kd_graph", "v2_e2kd"], res.stdout
+            if line.startswith(("| e2kd_", "| v2_", "| authors_"))}
+    assert list(rows) == ["e2kd_kd", "e2kd_e2kd", "v2_kd", "v2_kd_graph", "v2_e2kd", "e2kd_trainer_kd",
+                          "e2kd_trainer_e2kd", "authors_kd", "authors_e2kd"], res.stdout
     assert all(float(r[0]) > 0 for r in rows.values())
     assert float(rows["e2kd_kd"][3]) == 1.0 and float(rows["v2_kd"][3]) == 1.0  # each KD against itself

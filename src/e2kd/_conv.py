@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "conv2d_function",
     "conv2d_weight_grad",
     "expect_second_order",
     "matmul_weight_grad",
@@ -206,6 +207,20 @@ class _Conv2d(torch.autograd.Function):
         return gx, gw, None, None
 
 
+def conv2d_function(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
+    """:class:`_Conv2d` as autocast runs ``F.conv2d``: under autocast both operands are cast to
+    its dtype once, before the function (differentiable casts, so that a second-order pass still
+    reaches the float32 weight; float64 is left alone, as autocast leaves it), and the function
+    runs on them with autocast off. Its backward then casts nothing, and it keeps the input for
+    the weight gradient at the autocast dtype's size."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point() and x.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return _Conv2d.apply(x.to(dtype), weight.to(dtype), tuple(stride), tuple(padding))
+    return _Conv2d.apply(x, weight, tuple(stride), tuple(padding))
+
+
 def onednn_1x1_bug(weight_shape, stride) -> bool:
     """Whether a convolution with a weight of ``weight_shape`` (out, in / groups, kh, kw) and
     ``stride`` has the geometry whose channels-last CPU weight gradient oneDNN gets wrong (see
@@ -270,8 +285,8 @@ class FastSmallConv2d(nn.Conv2d):
             and isinstance(self.padding, tuple)
             and prefer_conv2d_function(input, weight, self.stride, self.padding, cuda_always=False)
         ):
-            out = _Conv2d.apply(input, weight, tuple(self.stride), tuple(self.padding))
-            return out if bias is None else out + bias.view(1, -1, 1, 1)
+            out = conv2d_function(input, weight, self.stride, self.padding)
+            return out if bias is None else out + bias.to(out.dtype).view(1, -1, 1, 1)
         return super()._conv_forward(input, weight, bias)
 
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _conv
-from .._conv import _Conv2d
 from .mode import DynamicLinearModule, _bcos_factor, attend, bcos_scale, scale_affine
 
 __all__ = [
@@ -168,7 +167,9 @@ def _unit_rows(module: nn.Module) -> torch.Tensor:
     was frozen for a moment (a student explained at evaluation) could not be told apart from the
     current weight later. A frozen one (``requires_grad=False``, e.g. a distillation teacher) is
     normalised once and reused until the weight tensor is replaced or modified in place (checked
-    by its storage pointer, version counter, dtype and device).
+    by its storage pointer, version counter, dtype and device). Under autocast the frozen copy is
+    also kept in the autocast dtype, which every convolution would otherwise cast it to on every
+    call (the unit rows are computed in the weight's own dtype first, then rounded once).
     """
     w = module.weight
     if w.requires_grad:
@@ -180,8 +181,16 @@ def _unit_rows(module: nn.Module) -> torch.Tensor:
     if cached is None or cached[0] != key:
         with torch.no_grad():
             unit = w / _row_norms(w)
-        module.__dict__["_unit_cache"] = cached = (key, unit)
-    return cached[1]
+        module.__dict__["_unit_cache"] = cached = (key, unit, {})
+    unit, cast = cached[1], cached[2]
+    device = w.device.type
+    if w.is_floating_point() and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if dtype != unit.dtype:
+            if dtype not in cast:
+                cast[dtype] = unit.to(dtype)
+            return cast[dtype]
+    return unit
 
 
 class _NormedConv2d(nn.Conv2d):
@@ -204,18 +213,19 @@ class _ExplainedConv(torch.autograd.Function):
         out = F.conv2d(x, weight, None, stride, padding)
         factor = _bcos_factor(out, inv_norm, b)
         ctx.save_for_backward(factor, weight)
-        ctx.geometry = (tuple(x.shape), stride, padding)
+        ctx.geometry = (tuple(x.shape), stride, padding, out.dtype)
         return out * factor
 
     @staticmethod
     def backward(ctx, gy):
         factor, weight = ctx.saved_tensors
-        shape, stride, padding = ctx.geometry
+        shape, stride, padding, dtype = ctx.geometry
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
-        g = gy * factor
-        # under autocast the forward convolution ran in the factor's dtype
-        gx = torch.nn.grad.conv2d_input(shape, weight.to(g.dtype), g, stride, padding)
+        # in the forward convolution's dtype (autocast's, if it ran under autocast), as autograd
+        # runs a native convolution's backward; the engine casts gx to x's dtype
+        g = (gy * factor).to(dtype)
+        gx = torch.nn.grad.conv2d_input(shape, weight.to(dtype), g, stride, padding)
         return gx, None, None, None, None, None
 
 
@@ -235,7 +245,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, cheap=None
     if cheap is None:
         cheap = _conv.prefer_conv2d_function(x, weight, stride, padding)
     if cheap:
-        return _Conv2d.apply(x, weight, tuple(stride), tuple(padding))
+        return _conv.conv2d_function(x, weight, stride, padding)
     return F.conv2d(x, weight, None, stride, padding)
 
 
