@@ -430,6 +430,31 @@ def test_second_order_convolution_under_autocast_matches_native_autocast_and_cas
     assert ours[2] == native[2] == 2
 
 
+@pytest.mark.parametrize("kind", ["bcos", "gradcam"])
+def test_e2kd_step_under_bf16_autocast_follows_the_float32_step(kind):
+    """A whole e²KD step under bf16 autocast (teacher explained with its bf16 weights, the
+    student's convolutions cast once, second-order pass included) gives the float32 step's loss
+    terms to within bf16 rounding and a gradient for every student parameter pointing the same way."""
+    torch.manual_seed(0)
+    teacher, student, explainer = _pair(kind)
+    distiller = e2kd.Distiller(teacher, student, explainer=explainer, lam=1.0)
+    x = torch.rand(4, 3, 32, 32)  # the last stage at 4 x 4 pixels: the matrix-product convolutions too
+
+    def step(amp):
+        student.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = distiller(x)
+        out["loss"].backward()
+        assert all(p.grad is not None for p in student.parameters())
+        return out, torch.cat([p.grad.flatten() for p in student.parameters()])
+
+    exact, g_exact = step(False)
+    half, g_half = step(True)
+    for key in ("kd_loss", "exp_loss"):
+        torch.testing.assert_close(half[key].float(), exact[key], rtol=0.02, atol=1e-3)
+    assert torch.nn.functional.cosine_similarity(g_half, g_exact, dim=0) > 0.95
+
+
 def test_frozen_teacher_unit_weights_in_the_autocast_dtype_follow_weight_updates():
     teacher, _, _ = _pair("bcos")
     teacher.requires_grad_(False)
