@@ -308,6 +308,26 @@ def test_bcos_student_compiles_to_one_graph_with_eager_gradients(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_bcos_student_under_bf16_autocast_compiles_to_one_graph(monkeypatch):
+    # the cheap convolution casts its operands itself under autocast (e2kd._conv.conv2d_function):
+    # reading the autocast state and switching it off inside must not split the graph
+    from e2kd import _conv
+
+    monkeypatch.setattr(_conv, "prefer_conv2d_function", lambda *a, **k: True)  # the CUDA dispatch
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = create_model("bcos_resnet8_small", num_classes=3).train().to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = torch._dynamo.explain(m)(x)
+        eager = m(x)
+        compiled = torch.compile(m, backend="aot_eager")(x)
+    assert report.graph_break_count == 0, [str(b.reason)[:120] for b in report.break_reasons]
+    assert compiled.dtype == eager.dtype
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=1e-2)  # bf16 rounding
+    torch._dynamo.reset()
+
+
 def test_cheap_conv_backward_under_compile_asks_no_engine_node(monkeypatch):
     # a backward traced by torch.compile runs before any engine pass: it computes what the
     # inputs require and never touches ctx.next_functions (which torch 2.11 refuses there)
