@@ -178,7 +178,9 @@ def test_input_gradient_explainers_are_differentiable():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(target=torch.tensor([0, 9])), "out of range"),
+        (dict(target=torch.tensor([0, 9])), "target index 9 is out of range for a model with 2 classes"),
+        (dict(target=torch.tensor([-1, 1])), "target index -1 is out of range"),
+        (dict(target=torch.tensor([-3, 5])), "target index 5 is out of range"),
         (dict(target=torch.tensor([0, 1, 2])), "batch-size mismatch"),
         (dict(target=torch.tensor([0.0, 1.0])), "integer class indices"),
     ],

@@ -104,9 +104,11 @@ def resolve_target(logits: torch.Tensor, target: Optional[torch.Tensor | int], w
         raise ValueError(
             f"{who}: batch-size mismatch: {target.numel()} targets for a batch of {batch} images"
         )
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
-        bad = int(target.max()) if int(target.max()) >= classes else int(target.min())
-        raise TargetOutOfRange(f"{who}: target index {bad} is out of range for a model with {classes} classes", classes)
+    if target.numel():
+        lo, hi = torch.stack(torch.aminmax(target)).tolist()  # one device synchronisation, not two
+        if lo < 0 or hi >= classes:
+            bad = hi if hi >= classes else lo
+            raise TargetOutOfRange(f"{who}: target index {bad} is out of range for a model with {classes} classes", classes)
     return target
 
 
