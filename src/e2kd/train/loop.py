@@ -557,16 +557,14 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
                 sync = net.no_sync() if info.enabled and micro < accum - 1 else nullcontext()
                 with sync:
                     out = forward_loss(batch)
-                    _check_finite(out, step, info, last_ckpt)
+                    values = _check_finite(out, step, info, last_ckpt)
                     loss = out["loss"] / accum
                     # gradients of the trained parameters only: a student explained by its input
                     # gradient (B-cos, Gradient) holds its input as a leaf that requires grad, and
                     # a plain backward would also differentiate the loss with respect to it
                     (scaler.scale(loss) if scaler is not None else loss).backward(inputs=params or None)
-                for k, v in out.items():
-                    if k != "loss":
-                        step_terms[k] = step_terms.get(k, 0.0) + float(v) / accum
-                step_terms["loss"] = step_terms.get("loss", 0.0) + float(out["loss"].detach()) / accum
+                for k, v in values.items():  # already on the host: no synchronisation after the backward
+                    step_terms[k] = step_terms.get(k, 0.0) + v / accum
             ctx.step, ctx.last = step, step_terms
             _call(callbacks, "on_after_backward", ctx)
             if scaler is not None:
@@ -746,8 +744,15 @@ def _check_compile(cfg: ExperimentConfig, mode: str) -> None:
         )
 
 
-def _check_finite(out: Dict[str, torch.Tensor], step: int, info: DistInfo, last_ckpt: Optional[Path]) -> None:
-    bad = {k: float(v.detach()) for k, v in out.items() if k not in ("agreement", "zero_maps") and not torch.isfinite(v.detach()).all()}
+def _check_finite(
+    out: Dict[str, torch.Tensor], step: int, info: DistInfo, last_ckpt: Optional[Path]
+) -> Dict[str, float]:
+    """Stop before the backward pass if a loss term is not finite; returns every term (all
+    scalars) as a Python number, copied from the device in one transfer (one synchronisation a
+    step instead of one per term, before and again after the backward pass)."""
+    names = list(out)
+    values = dict(zip(names, torch.stack([out[k].detach().float().reshape(()) for k in names]).tolist()))
+    bad = {k: v for k, v in values.items() if k not in ("agreement", "zero_maps") and not math.isfinite(v)}
     if broadcast_flag(bool(bad), info) and not bad:
         raise NonFiniteLossError(f"step {step}: another process met a non-finite loss; the run stopped (see its message)")
     if bad:
@@ -759,3 +764,4 @@ def _check_finite(out: Dict[str, torch.Tensor], step: int, info: DistInfo, last_
             f"update, so no weights were changed; last good checkpoint: {last_ckpt or 'none'}. "
             "Lower optim.lr, enable optim.grad_clip, or check the teacher and the data"
         )
+    return values
