@@ -227,6 +227,30 @@ def test_bf16_autocast_run_on_cpu(tmp_path):
     assert 0.0 <= res["accuracy"] <= 1.0
 
 
+def test_bcos_e2kd_under_bf16_autocast_runs_on_cpu(tmp_path):
+    # the setting the README recommends for CPUs with bf16 instructions: a B-cos teacher trained and
+    # a B-cos student distilled with e2KD under amp=bf16, evaluated with localisation
+    import json
+    import math
+
+    from e2kd.train import read_metrics
+
+    common = {"model.name": "bcos_resnet8_small", "optim.max_steps": 3, "amp": "bf16", "log_every": 1}
+    teacher = run(config_from_dict(base_config(tmp_path, "t", **common)), mode="teacher")
+    cfg = config_from_dict(base_config(tmp_path, "s", **common, **{
+        "teacher.checkpoint": str(teacher), "teacher.name": "bcos_resnet8_small", "teacher.kwargs": {"width": 4},
+        "distill.explainer": "bcos", "distill.lam": 1.0}))
+    student = run(cfg, mode="distill")
+    res = json.loads((student / "results.json").read_text())
+    for key in ("accuracy", "agreement", "explanation_similarity", "epg", "teacher_epg"):
+        assert math.isfinite(res[key]), key
+    recs = [r for r in read_metrics(student / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert r["loss"] == pytest.approx(r["kd_loss"] + r["exp_loss"], rel=1e-5)
+        assert 0.0 < r["exp_loss"] < 2.0
+
+
 def test_guided_teacher_training_logs_the_guidance_loss(tmp_path):
     from e2kd.train import read_metrics
 
