@@ -21,6 +21,10 @@ and ``unpruned`` call ``loss.backward(inputs=trained parameters)`` as the traine
 * ``first_order``: the dispatch of 2026-11-27 (``cheap`` on CUDA; on the CPU ``cheap`` only for
   convolutions with at most 4 output pixels, whether or not the step differentiates an
   explanation; fused unit-norm backward; native batch statistics);
+* ``cast_each_call``: ``default`` with autocast handled as before 2026-11-27 (a difference
+  only under ``--amp``): a frozen teacher's unit-norm weights kept in float32 and cast by every
+  convolution, its input gradient computed in float32, and :class:`_Conv2d` casting its
+  operands itself, in its forward and again in each backward;
 * ``default``: what the B-cos layers do now: ``first_order``, and ``cheap`` for every trained
   convolution of a student whose explanation is differentiated
   (:func:`e2kd._conv.expect_second_order`).
@@ -47,7 +51,7 @@ from .step import (
     PAIRS, Variant, add_heap_arg, add_step_args, apply_heap_arg, build_teacher, make_input, override_pair, paired_ratio, sync,
 )
 
-MODES = ("previous", "native", "cheap", "unpruned", "first_order", "default")
+MODES = ("previous", "native", "cheap", "unpruned", "first_order", "cast_each_call", "default")
 
 
 class _AutogradUnitRows:
@@ -58,10 +62,32 @@ class _AutogradUnitRows:
         return w / torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())), keepdim=True)
 
 
+class _FloatBackwardExplainedConv(layers._ExplainedConv):
+    """The teacher's explained convolution as before 2026-11-27: its input gradient in the
+    factor's dtype (float32 under autocast), whatever dtype the forward convolution ran in."""
+
+    @staticmethod
+    def backward(ctx, gy):
+        factor, weight = ctx.saved_tensors
+        shape, stride, padding = ctx.geometry[:3]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        g = gy * factor
+        return torch.nn.grad.conv2d_input(shape, weight.to(g.dtype), g, stride, padding), None, None, None, None, None
+
+
+def _unit_rows_without_autocast_copy(unit_rows, module):
+    """The unit-norm weights in the weight's own dtype (convolutions under autocast cast them)."""
+    device = module.weight.device.type
+    with torch.autocast(device, enabled=False):
+        return unit_rows(module)
+
+
 @contextlib.contextmanager
 def mode(name: str):
     """Patch the B-cos layers' operations for one configuration (restored on exit)."""
-    saved = (layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed, _conv.second_order_expected)
+    saved = (layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed, _conv.second_order_expected,
+             layers._unit_rows, layers._ExplainedConv, _conv.conv2d_function)
     dispatch = saved[0]
     try:
         if name == "previous":
@@ -73,9 +99,14 @@ def mode(name: str):
             layers.conv2d = partial(dispatch, cheap=name == "cheap")
         elif name in ("first_order", "unpruned"):
             _conv.second_order_expected = lambda: False
+        elif name == "cast_each_call":
+            layers._unit_rows = partial(_unit_rows_without_autocast_copy, saved[5])
+            layers._ExplainedConv = _FloatBackwardExplainedConv
+            _conv.conv2d_function = lambda x, w, stride, padding: _conv._Conv2d.apply(x, w, tuple(stride), tuple(padding))
         yield
     finally:
-        layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed, _conv.second_order_expected = saved
+        (layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed, _conv.second_order_expected,
+         layers._unit_rows, layers._ExplainedConv, _conv.conv2d_function) = saved
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@
 #    The B-cos pair side by side with the same steps on the B-cos v2 authors' layers (python -m benchmarks.bcos_v2,
 #    same weights; needs the bcos package of the [test] extra).
 #    (extra) The B-cos operations check (python -m benchmarks.bcos_conv: previous, native, cheap, unpruned,
-#    first_order and default) and the top operators of the B-cos steps (python -m benchmarks.op_profile).
+#    first_order, cast_each_call and default) and the top operators of the B-cos steps (python -m benchmarks.op_profile).
 # 2. Throughput of a short real distillation loop (python -m benchmarks.throughput, 50 steps on
 #    synthetic 224 px images, data loading included) for the B-cos pair, KD and e2KD.
 # 3. KD and e2KD for the B-cos pair with torch.compile of the student (inductor): e2KD, which compiled

@@ -657,6 +657,34 @@ def test_bcos_conv_benchmark_compares_dispatch_and_backward_modes():
     assert float(rows[0][4]) == 1.0 and float(rows[3][4]) == 1.0  # each step against itself in the first mode
 
 
+def test_bcos_conv_cast_each_call_mode_restores_the_earlier_autocast_handling():
+    """The benchmark's baseline for the autocast changes: inside ``mode("cast_each_call")`` a bf16
+    teacher explanation casts its weights again and runs its input gradient in float32, and a
+    cheap convolution casts its weight again in its backward passes; outside, neither."""
+    from benchmarks import bcos_conv
+
+    teacher, _, _ = _pair("bcos")
+    teacher.requires_grad_(False)
+    weight_shapes = {tuple(m.weight.shape) for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)}
+    x = torch.rand(2, 3, 16, 16)
+    seen = {}
+    for name in ("cast_each_call", "default"):
+        with bcos_conv.mode(name), torch.autocast("cpu", dtype=torch.bfloat16):
+            BcosExplainer()(teacher, x)
+            with _CastLog() as log:
+                BcosExplainer()(teacher, x)
+            w = torch.randn(8, 4, 3, 3, requires_grad=True)
+            xi = torch.randn(2, 4, 6, 6, requires_grad=True)
+            with _CastLog() as conv_log:
+                y = _conv.conv2d_function(xi, w, (2, 2), (1, 1))
+                (gx,) = torch.autograd.grad(y.sum(), xi, create_graph=True)
+                (gx.square().sum() + y.float().sum()).backward()
+        seen[name] = (bool(weight_shapes.intersection(log.casts)), {d for d, _ in log.backward_dtypes},
+                      sum(c == tuple(w.shape) for c in conv_log.casts))
+    assert seen["cast_each_call"][:2] == (True, {torch.float32}) and seen["cast_each_call"][2] > 2, seen
+    assert seen["default"] == (False, {torch.bfloat16}, 2), seen
+
+
 def test_augment_benchmark_times_every_kind_against_rrc_flip():
     cmd = [sys.executable, "-m", "benchmarks.augment", "--size", "16", "--batch", "2", "--rounds", "2"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
