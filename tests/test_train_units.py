@@ -47,6 +47,18 @@ def test_adaptive_gradient_clipping_by_hand():
     assert torch.equal(b.grad, torch.tensor([0.001, 0.0]))
 
 
+def test_gradient_norm_by_hand():
+    from e2kd.train.optim import grad_norm
+
+    w, b, unused = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(1))
+    w.grad = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    b.grad = torch.tensor([0.0, 12.0, 0.0])
+    assert grad_norm([w, b, unused]).item() == pytest.approx(13.0)  # sqrt(9 + 16 + 144); no gradient: skipped
+    assert grad_norm([unused]).item() == 0.0
+    b.grad[0] = float("nan")
+    assert math.isnan(grad_norm([w, b]).item())  # a non-finite gradient shows (the trainer stops on it)
+
+
 def _batch(n=4, size=8):
     img = torch.arange(n * size * size, dtype=torch.float32).reshape(n, 1, size, size) / (n * size * size)
     return {"image": img, "mask": (img > 0.5).float(), "label": torch.arange(n)}
@@ -231,7 +243,6 @@ def test_bcos_e2kd_under_bf16_autocast_runs_on_cpu(tmp_path):
     # the setting the README recommends for CPUs with bf16 instructions: a B-cos teacher trained and
     # a B-cos student distilled with e2KD under amp=bf16, evaluated with localisation
     import json
-    import math
 
     from e2kd.train import read_metrics
 

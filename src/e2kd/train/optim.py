@@ -111,7 +111,9 @@ def adaptive_grad_clip_(params: Iterable[nn.Parameter], clip: float, eps: float 
 
 
 def grad_norm(params: List[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (zero without any), computed as
+    ``clip_grad_norm_`` computes it (one multi-tensor kernel per device on CUDA)."""
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
