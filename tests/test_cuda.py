@@ -98,3 +98,36 @@ def test_compiled_bcos_kd_step_on_the_gpu(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="compile=true cannot train with e²KD"):
         run(config_from_dict(base_config(tmp_path, "e2", device="cuda", **common, **{"distill.lam": 1.0})), mode="distill")
     torch._dynamo.reset()
+
+
+def _bcos_e2kd_step(device, amp):
+    """Loss terms and the student's flattened gradient of one B-cos e²KD step (fixed weights and
+    batch), on ``device``, optionally under bf16 autocast."""
+    import e2kd
+    from e2kd.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("bcos_resnet8_small", num_classes=5, width=6).eval().to(device)
+    student = create_model("bcos_resnet8_small", num_classes=5, width=4).to(device)
+    x = torch.rand(4, 3, 32, 32).to(device)
+    distiller = e2kd.Distiller(teacher, student, explainer="bcos", lam=1.0)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        out = distiller(x)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in student.parameters())
+    grad = torch.cat([p.grad.flatten() for p in student.parameters()]).cpu()
+    return {k: float(out[k].detach()) for k in ("kd_loss", "exp_loss")}, grad
+
+
+def test_bcos_e2kd_step_under_bf16_on_the_gpu_follows_the_cpu_float32_step():
+    # on CUDA every trained B-cos convolution goes through the second-order-friendly convolution,
+    # cast once under autocast; the frozen teacher keeps bf16 unit weights and explains in bf16
+    exact, g_exact = _bcos_e2kd_step(torch.device("cpu"), amp=False)
+    fp32, g_fp32 = _bcos_e2kd_step(CUDA, amp=False)
+    half, g_half = _bcos_e2kd_step(CUDA, amp=True)
+    for key in exact:
+        assert fp32[key] == pytest.approx(exact[key], rel=2e-3, abs=1e-4), key  # TF32 convolutions at most
+        assert half[key] == pytest.approx(exact[key], rel=2e-2, abs=1e-3), key
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(g_fp32, g_exact, dim=0) > 0.99
+    assert cos(g_half, g_exact, dim=0) > 0.95
