@@ -79,3 +79,17 @@ def base_config(tmp_path, name: str, **extra) -> dict:
     for key, value in extra.items():
         set_dotted(cfg, key, value)
     return cfg
+
+
+def e2kd_step(distiller, x: torch.Tensor, *, amp: bool):
+    """One e²KD step of ``distiller`` on ``x``, under bf16 autocast on ``x``'s device if ``amp``:
+    the loss terms ``kd_loss`` and ``exp_loss`` (float32, on the CPU) and the student's
+    gradient, flattened onto the CPU. Every student parameter must get a gradient."""
+    student = distiller.student
+    student.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = distiller(x)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in student.parameters())
+    terms = {k: out[k].detach().float().cpu() for k in ("kd_loss", "exp_loss")}
+    return terms, torch.cat([p.grad.flatten() for p in student.parameters()]).cpu()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from _train_helpers import base_config
+from _train_helpers import base_config, e2kd_step
 from e2kd.data import build_dataset
 from e2kd.frozen import FrozenDataset, FrozenStore, freeze
 from e2kd.train import batches as B
@@ -110,13 +110,8 @@ def _bcos_e2kd_step(device, amp):
     teacher = create_model("bcos_resnet8_small", num_classes=5, width=6).eval().to(device)
     student = create_model("bcos_resnet8_small", num_classes=5, width=4).to(device)
     x = torch.rand(4, 3, 32, 32).to(device)
-    distiller = e2kd.Distiller(teacher, student, explainer="bcos", lam=1.0)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        out = distiller(x)
-    out["loss"].backward()
-    assert all(p.grad is not None for p in student.parameters())
-    grad = torch.cat([p.grad.flatten() for p in student.parameters()]).cpu()
-    return {k: float(out[k].detach()) for k in ("kd_loss", "exp_loss")}, grad
+    terms, grad = e2kd_step(e2kd.Distiller(teacher, student, explainer="bcos", lam=1.0), x, amp=amp)
+    return {k: float(v) for k, v in terms.items()}, grad
 
 
 def test_bcos_e2kd_step_under_bf16_on_the_gpu_follows_the_cpu_float32_step():

@@ -29,6 +29,8 @@ from e2kd.bcos.layers import BcosConv2d
 from e2kd.explain.gradcam import GradCAM
 from e2kd.models import create_model
 
+from _train_helpers import e2kd_step
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -439,19 +441,10 @@ def test_e2kd_step_under_bf16_autocast_follows_the_float32_step(kind):
     teacher, student, explainer = _pair(kind)
     distiller = e2kd.Distiller(teacher, student, explainer=explainer, lam=1.0)
     x = torch.rand(4, 3, 32, 32)  # the last stage at 4 x 4 pixels: the matrix-product convolutions too
-
-    def step(amp):
-        student.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out = distiller(x)
-        out["loss"].backward()
-        assert all(p.grad is not None for p in student.parameters())
-        return out, torch.cat([p.grad.flatten() for p in student.parameters()])
-
-    exact, g_exact = step(False)
-    half, g_half = step(True)
+    exact, g_exact = e2kd_step(distiller, x, amp=False)
+    half, g_half = e2kd_step(distiller, x, amp=True)
     for key in ("kd_loss", "exp_loss"):
-        torch.testing.assert_close(half[key].float(), exact[key], rtol=0.02, atol=1e-3)
+        torch.testing.assert_close(half[key], exact[key], rtol=0.02, atol=1e-3)
     assert torch.nn.functional.cosine_similarity(g_half, g_exact, dim=0) > 0.95
 
 
