@@ -10,7 +10,8 @@
 #    the trainer in bf16 and fp16, compiled KD; skipped where there is no CUDA device).
 # 1. Step benchmark (python -m benchmarks.step) at 224 px, batch 128, bf16 autocast, channels-last:
 #    KD, live e2KD, frozen e2KD, lam=0 and explain_every=4 for ResNet-34 -> ResNet-18 (GradCAM),
-#    B-cos ResNet-34 -> B-cos ResNet-18 and B-cos DenseNet-169 -> B-cos ResNet-18.
+#    B-cos ResNet-34 -> B-cos ResNet-18 and B-cos DenseNet-169 -> B-cos ResNet-18; with each step's counted FLOPs
+#    and the rate reached against the GPU's large bf16 matrix-product rate (--flops).
 #    The B-cos pair side by side with the same steps on the B-cos v2 authors' layers (python -m benchmarks.bcos_v2,
 #    same weights; needs the bcos package of the [test] extra).
 #    (extra) The B-cos operations check (python -m benchmarks.bcos_conv: previous, native, cheap, unpruned,
@@ -111,11 +112,11 @@ run() {  # run a command, copy its output to the summary; a failure is recorded,
 
 run cuda_tests "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py
 # shellcheck disable=SC2086
-run step_gradcam "$PYTHON" -m benchmarks.step --pair gradcam "${GC[@]}" "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --json "$OUT/step_gradcam.json"
+run step_gradcam "$PYTHON" -m benchmarks.step --pair gradcam "${GC[@]}" "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --flops --json "$OUT/step_gradcam.json"
 # shellcheck disable=SC2086
-run step_bcos "$PYTHON" -m benchmarks.step --pair bcos "${BC[@]}" "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --json "$OUT/step_bcos.json"
+run step_bcos "$PYTHON" -m benchmarks.step --pair bcos "${BC[@]}" "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --flops --json "$OUT/step_bcos.json"
 # shellcheck disable=SC2086
-run step_bcos_densenet "$PYTHON" -m benchmarks.step --pair bcos_densenet "${DN[@]}" --variants kd,e2kd,frozen "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --json "$OUT/step_bcos_densenet.json"
+run step_bcos_densenet "$PYTHON" -m benchmarks.step --pair bcos_densenet "${DN[@]}" --variants kd,e2kd,frozen "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST --flops --json "$OUT/step_bcos_densenet.json"
 # shellcheck disable=SC2086
 run bcos_v2 "$PYTHON" -m benchmarks.bcos_v2 "${DEV[@]}" "${SIZE[@]}" "${STEPS[@]}" $FAST
 if [[ "$EXTRA" == 1 ]]; then

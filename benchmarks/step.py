@@ -57,6 +57,8 @@ from e2kd.train.config import OptimConfig, OptimizerName
 from e2kd.train.heap import DEFAULT_TOP_PAD_MIB, set_malloc_top_pad
 from e2kd.train.optim import build_optimizer
 
+from .flops import count_flops, matmul_rate
+
 PAIRS = {
     "gradcam": ("resnet34", "resnet18", "gradcam"),
     "bcos": ("bcos_resnet34", "bcos_resnet18", "bcos"),
@@ -199,6 +201,17 @@ def run_pair(pair: str, args) -> dict:
         variants[name] = Variant(name, teacher, pair, args)
         variants[name].first_step(x)
     _restart_cycles(variants)  # the saved-for-backward figure of a partial variant is that of an explaining step
+    flops = {}
+    if getattr(args, "flops", False):
+        for name, v in variants.items():  # a partial variant: the mean over one whole cycle
+            k = EVERY.get(name, 1)
+            student = v.distiller.student
+            v.distiller.student = v.eager_student  # counted eagerly: a compiled graph bypasses the dispatcher
+            try:
+                flops[name] = count_flops(lambda: [v(x) for _ in range(k)]).total / k
+            finally:
+                v.distiller.student = student
+        _restart_cycles(variants)
     memory = {}
     for name, v in variants.items():
         try:
@@ -248,6 +261,10 @@ def run_pair(pair: str, args) -> dict:
             note=v.note,
             times_ms=[round(1000 * t, 1) for t in times[name]],
         )
+        if name in flops:
+            rows[name]["gflop"] = flops[name] / 1e9
+            step_s = statistics.fmean(times[name]) if name in EVERY else med
+            rows[name]["gflop_per_s"] = flops[name] / 1e9 / step_s
     if "kd" in times:
         for name in variants:
             rows[name]["paired_ratio"] = paired_ratio(times[name], times["kd"], EVERY.get(name, 1))
@@ -363,6 +380,19 @@ def check_pair_and_variants(p: argparse.ArgumentParser, args) -> None:
         p.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
 
 
+def print_flops(pair: str, rows: dict, gemm: float) -> None:
+    """The ``--flops`` table of one pair: counted GFLOP per step (a partial variant's mean over
+    a cycle), its ratio to KD's, the rate reached (by the median step; a partial variant's mean)
+    and that rate as a share of the device's matrix-product rate ``gemm`` (GFLOP/s)."""
+    kd = rows.get("kd", {}).get("gflop")
+    print("| pair | variant | GFLOP / step | FLOP ratio to KD | GFLOP/s reached | share of the matrix-product rate |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        ratio = r["gflop"] / kd if kd else float("nan")
+        print(f"| {pair} | {name} | {r['gflop']:.2f} | {ratio:.2f} | {r['gflop_per_s']:.0f} | "
+              f"{100 * r['gflop_per_s'] / gemm:.0f} % |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=[*PAIRS, "all"], default="all")
@@ -372,6 +402,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the student where it works")
     p.add_argument("--rss", action="store_true", help="also measure each variant's peak RSS in a fresh subprocess")
     p.add_argument("--json", help="write all figures to this JSON file")
+    p.add_argument("--flops", action="store_true",
+                   help="also count each step's convolution and matrix-product FLOPs and the rate reached, "
+                        "against this device's large matrix-product rate")
     add_heap_arg(p)
     p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -397,7 +430,14 @@ def main(argv=None) -> int:
           "| ratio to KD (wall) | paired ratio to KD (wall) | median CPU time (ms) | ratio to KD (CPU) "
           "| page faults / step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    report = {"argv": sys.argv, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}, "pairs": {}}
+    gemm = None
+    if args.flops:
+        dtype = torch.bfloat16 if args.amp == "bf16" else torch.float32
+        gemm = matmul_rate(args.device, dtype) / 1e9
+        print(f"# {args.device} {str(dtype).removeprefix('torch.')} {2048 if args.device == 'cpu' else 8192}² matrix product: "
+              f"{gemm:.0f} GFLOP/s")
+    report = {"argv": sys.argv, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()},
+              "gemm_gflop_per_s": gemm, "pairs": {}}
     for pair in pairs:
         rows = run_pair(pair, args)
         if args.rss:
@@ -427,6 +467,8 @@ def main(argv=None) -> int:
                       f"(ratio {rows[name][key] / expect:.2f})")
         for name, r in rows.items():
             print(f"#   {pair}/{name} step times (ms): {r['times_ms']}" + (f"  [{r['note']}]" if r["note"] else ""))
+        if args.flops:
+            print_flops(pair, rows, gemm)
         report["pairs"][pair] = rows
     print(f"# process peak RSS (all variants together): {peak_rss_mib():.0f} MiB")
     if args.json:

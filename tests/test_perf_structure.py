@@ -502,6 +502,9 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert set(rows) == {"kd", "e2kd", "frozen", "lam0", "every4", "frozen_every4"}
     # live e2KD keeps more for backward than KD (teacher input gradient + student double backward)
     assert rows["e2kd"]["saved_mib"] > rows["kd"]["saved_mib"]
+    # counted arithmetic (--flops): exact B-cos e2KD does about twice KD's; every4 is (3 KD + e2KD) / 4
+    assert rows["e2kd"]["gflop"] > 1.8 * rows["kd"]["gflop"] and all(r["gflop_per_s"] > 0 for r in rows.values())
+    assert rows["every4"]["gflop"] == pytest.approx((3 * rows["kd"]["gflop"] + rows["e2kd"]["gflop"]) / 4, rel=1e-9)
     for name in ("step_gradcam", "step_bcos_densenet", "throughput_bcos_lam0", "throughput_bcos_lam1"):
         assert (tmp_path / f"{name}.json").is_file(), name
     tput = json.loads((tmp_path / "throughput_bcos_lam1.json").read_text())
