@@ -85,7 +85,9 @@ def use_channels_last(cfg: ExperimentConfig, model: nn.Module, device: torch.dev
     tensor-core kernels want NHWC). On this project's 2-core CPU, one training step in
     channels-last took 0.69-0.93 of the contiguous step's time for plain CNN students and
     teachers (ResNets, DenseNet-121, EfficientNet-Lite0, MobileNetV3) and 0.88-1.05 for B-cos
-    ResNets (``python -m benchmarks.memory_format``). Values are the same up to rounding.
+    ResNets (``python -m benchmarks.memory_format``) on an AVX2 CPU; on an AVX-512 one, 0.94-0.99
+    except the float32 B-cos ResNet-34/18 pair at 64 px, 1.03-1.18 (``channels_last=false`` is
+    faster there). Values are the same up to rounding.
     """
     risky = _broken_nhwc_weight_gradient(model) if device.type == "cpu" else None
     if cfg.channels_last is not None:
