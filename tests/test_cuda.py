@@ -126,3 +126,26 @@ def test_bcos_e2kd_step_under_bf16_on_the_gpu_follows_the_cpu_float32_step():
     cos = torch.nn.functional.cosine_similarity
     assert cos(g_fp32, g_exact, dim=0) > 0.99
     assert cos(g_half, g_exact, dim=0) > 0.95
+
+
+def test_flop_count_of_a_b_cos_e2kd_step_on_the_gpu_equals_the_cpu_count():
+    """The step benchmark's --flops on a GPU: the backward passes run on the autograd engine's
+    device thread, which must see the counting mode too (a forward-only count would be lower)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.flops import count_flops
+    from e2kd import Distiller
+    from e2kd.models import create_model
+
+    counts = {}
+    for device in ("cpu", CUDA):
+        torch.manual_seed(0)
+        teacher = create_model("bcos_resnet8_small", num_classes=4).to(device).eval()
+        student = create_model("bcos_resnet8_small", num_classes=4).to(device)
+        distiller = Distiller(teacher, student, explainer="bcos", lam=1.0)
+        x = torch.rand(2, 3, 32, 32, device=device)
+        params = [p for p in student.parameters() if p.requires_grad]
+        counts[str(device)] = count_flops(lambda: distiller(x)["loss"].backward(inputs=params)).total
+    assert counts["cpu"] > 0 and counts[str(CUDA)] == counts["cpu"]
