@@ -250,6 +250,51 @@ def test_bcos_student_explanation_backward_computes_input_gradients_only(cheap, 
     assert out.maps.requires_grad
 
 
+_FACTORIES = {torch.ops.aten.new_zeros, torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.empty_like,
+              torch.ops.aten.new_empty, torch.ops.aten.empty, torch.ops.aten.empty_strided}
+
+
+class _ZeroOutputLog(TorchDispatchMode):
+    """Records which autograd nodes, while running backward, produce tensors of zeros only (work
+    whose result cannot change any gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.zero_nodes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        node = torch._C._current_autograd_node()
+        if (
+            node is not None
+            and isinstance(out, torch.Tensor)
+            and out.is_floating_point()
+            and out.numel() > 1
+            and func.overloadpacket not in _FACTORIES
+            and func._schema.returns[0].alias_info is None  # a view shows its base's values
+        ):
+            with torch._C._DisableTorchDispatch():
+                if not bool(out.detach().ne(0).any()):
+                    self.zero_nodes.append(f"{node.name()}: {func}")
+        return out
+
+
+def test_bcos_student_explanation_and_step_compute_no_zero_gradients():
+    """The explanation's backward treats the dynamic factors as constants, so nothing reaches the
+    batch statistics of a training-mode norm there: that must stay no gradient, not become an
+    input-sized tensor of zeros (computed in the explanation pass, recorded in its graph and
+    differentiated again in the step's backward)."""
+    torch.manual_seed(0)
+    teacher, student, _ = _pair("bcos")
+    distiller = e2kd.Distiller(teacher, student, explainer="bcos", lam=1.0)
+    x = torch.rand(4, 3, 16, 16)
+    params = [p for p in student.parameters() if p.requires_grad]
+    with _ZeroOutputLog() as log:
+        distiller(x)["loss"].backward(inputs=params)
+    assert log.zero_nodes == []
+    assert all(p.grad is not None and p.grad.ne(0).any() for p in params)
+
+
 def _stem_shape(model):
     return tuple(next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).weight.shape)
 

@@ -390,10 +390,16 @@ class _BatchVariance(torch.autograd.Function):
         mean, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
         ctx.save_for_backward(x)
         ctx.mean = mean
+        # an explanation's backward pass (factors constant) sends no gradient to the variance:
+        # pass that on as no gradient instead of an input-sized tensor of zeros, which would also
+        # be recorded for, and differentiated in, the second-order pass
+        ctx.set_materialize_grads(False)
         return var
 
     @staticmethod
     def backward(ctx, g):
+        if g is None:
+            return None
         (x,) = ctx.saved_tensors
         # differentiated again (create_graph): the mean's own dependence on x must be in the graph
         mean = x.mean(dim=(0, 2, 3)) if torch.is_grad_enabled() else ctx.mean
