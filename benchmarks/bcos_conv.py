@@ -25,6 +25,10 @@ and ``unpruned`` call ``loss.backward(inputs=trained parameters)`` as the traine
   only under ``--amp``): a frozen teacher's unit-norm weights kept in float32 and cast by every
   convolution, its input gradient computed in float32, and :class:`_Conv2d` casting its
   operands itself, in its forward and again in each backward;
+* ``zero_variance_grads``: ``default`` with the batch variance of a training-mode batch norm
+  given an input-sized tensor of zeros in an explanation's backward pass (computed there,
+  recorded in its graph and differentiated again in the step's backward), as before
+  2026-11-27, instead of no gradient;
 * ``default``: what the B-cos layers do now: ``first_order``, and ``cheap`` for every trained
   convolution of a student whose explanation is differentiated
   (:func:`e2kd._conv.expect_second_order`).
@@ -51,7 +55,7 @@ from .step import (
     PAIRS, Variant, add_heap_arg, add_step_args, apply_heap_arg, build_teacher, make_input, override_pair, paired_ratio, sync,
 )
 
-MODES = ("previous", "native", "cheap", "unpruned", "first_order", "cast_each_call", "default")
+MODES = ("previous", "native", "cheap", "unpruned", "first_order", "cast_each_call", "zero_variance_grads", "default")
 
 
 class _AutogradUnitRows:
@@ -76,6 +80,18 @@ class _FloatBackwardExplainedConv(layers._ExplainedConv):
         return torch.nn.grad.conv2d_input(shape, weight.to(g.dtype), g, stride, padding), None, None, None, None, None
 
 
+class _ZeroGradBatchVariance(layers._BatchVariance):
+    """The batch variance as before 2026-11-27: autograd hands its backward zeros where no
+    gradient reaches it (an explanation's backward pass), and it computes with them."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mean, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
+        ctx.save_for_backward(x)
+        ctx.mean = mean
+        return var
+
+
 def _unit_rows_without_autocast_copy(unit_rows, module):
     """The unit-norm weights in the weight's own dtype (convolutions under autocast cast them)."""
     device = module.weight.device.type
@@ -87,7 +103,7 @@ def _unit_rows_without_autocast_copy(unit_rows, module):
 def mode(name: str):
     """Patch the B-cos layers' operations for one configuration (restored on exit)."""
     saved = (layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed, _conv.second_order_expected,
-             layers._unit_rows, layers._ExplainedConv, _conv.conv2d_function)
+             layers._unit_rows, layers._ExplainedConv, _conv.conv2d_function, layers._BatchVariance)
     dispatch = saved[0]
     try:
         if name == "previous":
@@ -103,10 +119,12 @@ def mode(name: str):
             layers._unit_rows = partial(_unit_rows_without_autocast_copy, saved[5])
             layers._ExplainedConv = _FloatBackwardExplainedConv
             _conv.conv2d_function = lambda x, w, stride, padding: _conv._Conv2d.apply(x, w, tuple(stride), tuple(padding))
+        elif name == "zero_variance_grads":
+            layers._BatchVariance = _ZeroGradBatchVariance
         yield
     finally:
         (layers.conv2d, layers._UnitRows, layers.batch_variance, _conv._needed, _conv.second_order_expected,
-         layers._unit_rows, layers._ExplainedConv, _conv.conv2d_function) = saved
+         layers._unit_rows, layers._ExplainedConv, _conv.conv2d_function, layers._BatchVariance) = saved
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ convolution backward) and the teacher keeps neither parameter gradients nor its 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -724,6 +725,31 @@ def test_bcos_conv_cast_each_call_mode_restores_the_earlier_autocast_handling():
                       sum(c == tuple(w.shape) for c in conv_log.casts))
     assert seen["cast_each_call"][:2] == (True, {torch.float32}) and seen["cast_each_call"][2] > 2, seen
     assert seen["default"] == (False, {torch.bfloat16}, 2), seen
+
+
+def test_bcos_conv_zero_variance_grads_mode_restores_the_zeros_in_the_explanation_pass():
+    """The benchmark's baseline for the batch-variance change: inside
+    ``mode("zero_variance_grads")`` an e²KD step computes tensors of zeros in the batch
+    variance's backward again; outside, none; the gradients are the same either way."""
+    from benchmarks import bcos_conv
+
+    torch.manual_seed(0)
+    teacher, student, _ = _pair("bcos")
+    x = torch.rand(4, 3, 16, 16)
+    params = [p for p in student.parameters() if p.requires_grad]
+    found, grads = {}, {}
+    for name in ("zero_variance_grads", "default"):
+        distiller = e2kd.Distiller(teacher, copy.deepcopy(student), explainer="bcos", lam=1.0)
+        trained = [p for p in distiller.student.parameters() if p.requires_grad]
+        with bcos_conv.mode(name), _ZeroOutputLog() as log:
+            distiller(x)["loss"].backward(inputs=trained)
+        found[name] = {n.split(":")[0] for n in log.zero_nodes}
+        grads[name] = [p.grad for p in trained]
+    # the zeros of the explanation pass, and their graph differentiated again in the step's backward
+    assert {"_ZeroGradBatchVarianceBackward", "MulBackward0"} <= found["zero_variance_grads"] and found["default"] == set()
+    assert len(grads["default"]) == len(params)
+    for a, b in zip(grads["zero_variance_grads"], grads["default"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_augment_benchmark_times_every_kind_against_rrc_flip():
