@@ -121,6 +121,33 @@ def test_bad_inputs_give_clear_errors():
         create_model("bcos_vit_tiny_small", num_classes=3, depth=1)(torch.rand(1, 3, 30, 30))
 
 
+def test_input_range_check_reads_min_and_max_in_one_transfer():
+    """The [0, 1] check of every B-cos forward (teacher and student alike) copies its two values to
+    the host at once: one device synchronisation per forward pass, not two; NaN is refused too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScalarReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:  # what .item() / float(t) run
+                ScalarReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = create_model("bcos_resnet8_small", num_classes=3, width=4)
+    x = torch.rand(2, 3, 16, 16)
+    with ScalarReads():
+        model.encoding(x)
+    assert ScalarReads.count == 0
+    bad = x.clone()
+    bad[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"min nan and max nan|\[0, 1\]"):
+        model.encoding(bad)
+    bad[1, 2, 3, 4] = 1.5
+    with pytest.raises(ValueError, match=r"max 1\.5"):
+        model.encoding(bad)
+
+
 def test_dynamic_factor_functions_have_the_exact_derivative_and_second_derivative():
     from e2kd.bcos.mode import attend, bcos_scale, scale_affine, scale_by_factor
 

@@ -91,8 +91,7 @@ class InputEncoding(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"B-cos model: expected a float image in [0, 1], got dtype {x.dtype}; use x.float() / 255")
         if not torch.compiler.is_compiling():  # a data-dependent check would split a compiled graph
-            lo, hi = torch.aminmax(x.detach())
-            lo, hi = float(lo), float(hi)
+            lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()  # one device synchronisation, not two
             if lo < 0.0 or hi > 1.0 or math.isnan(lo) or math.isnan(hi):
                 raise ValueError(
                     f"B-cos model: image values must lie in [0, 1], got min {lo:.4g} and max {hi:.4g}. "
