@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from e2kd.bcos.layers import BcosConv2d, InputEncoding, LogitBias
 from e2kd.bcos.models import BcosModel
@@ -93,3 +94,17 @@ def e2kd_step(distiller, x: torch.Tensor, *, amp: bool):
     assert all(p.grad is not None for p in student.parameters())
     terms = {k: out[k].detach().float().cpu() for k in ("kd_loss", "exp_loss")}
     return terms, torch.cat([p.grad.flatten() for p in student.parameters()]).cpu()
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts the tensor-to-Python-number reads (``.item()``, ``float(t)``: each one a device
+    synchronisation on a GPU) run inside the block, in ``count``."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

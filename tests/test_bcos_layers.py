@@ -124,21 +124,13 @@ def test_bad_inputs_give_clear_errors():
 def test_input_range_check_reads_min_and_max_in_one_transfer():
     """The [0, 1] check of every B-cos forward (teacher and student alike) copies its two values to
     the host at once: one device synchronisation per forward pass, not two; NaN is refused too."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class ScalarReads(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:  # what .item() / float(t) run
-                ScalarReads.count += 1
-            return func(*args, **(kwargs or {}))
+    from _train_helpers import ScalarReads
 
     model = create_model("bcos_resnet8_small", num_classes=3, width=4)
     x = torch.rand(2, 3, 16, 16)
-    with ScalarReads():
+    with ScalarReads() as reads:
         model.encoding(x)
-    assert ScalarReads.count == 0
+    assert reads.count == 0
     bad = x.clone()
     bad[1, 2, 3, 4] = float("nan")
     with pytest.raises(ValueError, match=r"min nan and max nan|\[0, 1\]"):

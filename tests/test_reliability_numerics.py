@@ -137,25 +137,16 @@ def test_finiteness_check_reads_every_term_in_one_transfer():
     """The trainer's per-step check copies all loss terms to the host at once (one device
     synchronisation a step, not one per term before and after the backward pass) and hands the
     logged values on; a non-finite term still stops the step, a non-finite agreement does not."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    from _train_helpers import ScalarReads
     from e2kd.train.distributed import DistInfo
     from e2kd.train.loop import _check_finite
-
-    class ScalarReads(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:  # what .item() / float(t) run
-                ScalarReads.count += 1
-            return func(*args, **(kwargs or {}))
 
     info = DistInfo()
     out = {"kd_loss": torch.tensor(0.25), "exp_loss": torch.tensor(0.5, dtype=torch.bfloat16),
            "agreement": torch.tensor(float("nan")), "loss": torch.tensor(0.75, requires_grad=True) * 1}
-    with ScalarReads():
+    with ScalarReads() as reads:
         values = _check_finite(out, 3, info, None)
-    assert ScalarReads.count == 0
+    assert reads.count == 0
     assert values == {"kd_loss": 0.25, "exp_loss": 0.5, "agreement": values["agreement"], "loss": 0.75}
     out["exp_loss"] = torch.tensor(float("inf"))
     with pytest.raises(NonFiniteLossError, match=r"step 3: loss term 'exp_loss' is inf"):
