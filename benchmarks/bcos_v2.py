@@ -64,6 +64,7 @@ import torch
 
 import e2kd
 from e2kd.bcos import BcosExplainer, load_bcos_v2_weights
+from e2kd.bcos.layers import encode_input
 from e2kd.models import create_model
 from e2kd.train.config import OptimConfig, OptimizerName
 from e2kd.train.optim import adaptive_grad_clip_, build_optimizer
@@ -89,10 +90,6 @@ def _import_bcos():
 
 
 AGC_CLIP = 0.01  # adaptive gradient clipping factor of both projects' B-cos ImageNet settings
-
-
-def _encode(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, 1 - x], dim=1)
 
 
 class Update:
@@ -168,19 +165,19 @@ class Steps:
         return e2kd.kd_loss(self.student(x), t, 1.0)
 
     def v2_kd_loss(self, x):
-        xe = _encode(x)
+        xe = encode_input(x)
         with torch.no_grad():
             t = self.v2_teacher(xe)
         return e2kd.kd_loss(self.v2_student(xe), t, 1.0)
 
     def v2_kd_graph_loss(self, x):
-        xt = _encode(x).requires_grad_(True)
+        xt = encode_input(x).requires_grad_(True)
         with self.v2_teacher.explanation_mode():
             t = self.v2_teacher(xt)
-        return e2kd.kd_loss(self.v2_student(_encode(x)), t.detach(), 1.0)
+        return e2kd.kd_loss(self.v2_student(encode_input(x)), t.detach(), 1.0)
 
     def v2_teacher_explanation(self, x):
-        xt = _encode(x).requires_grad_(True)
+        xt = encode_input(x).requires_grad_(True)
         with self.v2_teacher.explanation_mode():
             t = self.v2_teacher(xt)
             target = t.argmax(dim=1, keepdim=True)
@@ -189,14 +186,14 @@ class Steps:
 
     def v2_e2kd_loss(self, x):
         t, wt, target = self.v2_teacher_explanation(x)
-        xs = _encode(x).requires_grad_(True)
+        xs = encode_input(x).requires_grad_(True)
         with self.v2_student.explanation_mode():
             s = self.v2_student(xs)
             (ws,) = torch.autograd.grad(s.gather(1, target).sum(), xs, create_graph=True)
         return e2kd.kd_loss(s, t, 1.0) + e2kd.explanation_loss(ws, wt)
 
     def authors_loss(self, x, explain: bool):
-        xe = _encode(x).requires_grad_(True)  # their data pipeline encodes; the step marks it
+        xe = encode_input(x).requires_grad_(True)  # their data pipeline encodes; the step marks it
         with self.v2_student.explanation_mode(), self.v2_teacher.explanation_mode():
             s, t = self.v2_student(xe), self.v2_teacher(xe)
             loss = e2kd.kd_loss(s, t.detach(), 1.0)

@@ -24,14 +24,9 @@ from typing import Callable, Dict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
-__all__ = ["FlopCount", "count_flops", "matmul_rate"]
-
-
-def _shape(t):
-    return t.shape if isinstance(t, torch.Tensor) else t
+__all__ = ["FlopCount", "count_flops", "gemm_size", "matmul_rate"]
 
 
 class FlopCount(TorchDispatchMode):
@@ -48,7 +43,9 @@ class FlopCount(TorchDispatchMode):
         out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
-            n = formula(*tree_map(_shape, args), **tree_map(_shape, kwargs), out_val=tree_map(_shape, out))
+            # called as FlopCounterMode calls it: the registry's formulas take the tensors and
+            # reduce them to shapes themselves (all but the few registered to see raw values)
+            n = formula(*args, **kwargs, out_val=out)
             self.by_op[str(func._overloadpacket).removeprefix("aten.")] += int(n)
         return out
 
@@ -64,12 +61,17 @@ def count_flops(fn: Callable[[], object]) -> FlopCount:
     return counter
 
 
+def gemm_size(device: str) -> int:
+    """The side of :func:`matmul_rate`'s default square matrices: 8192 on CUDA, 2048 elsewhere."""
+    return 8192 if device.startswith("cuda") else 2048
+
+
 def matmul_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, *, n: int = 0, repeats: int = 0) -> float:
     """FLOP/s of an ``n x n`` matrix product on ``device`` in ``dtype`` (median of ``repeats``
     after two warm-up products): the rate a well-shaped dense kernel reaches there. Defaults:
-    n 2048 and 8 repeats on the CPU, 8192 and 20 on CUDA."""
+    n :func:`gemm_size`, 8 repeats on the CPU and 20 on CUDA."""
     cuda = device.startswith("cuda")
-    n = n or (8192 if cuda else 2048)
+    n = n or gemm_size(device)
     repeats = repeats or (20 if cuda else 8)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)

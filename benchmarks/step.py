@@ -57,7 +57,7 @@ from e2kd.train.config import OptimConfig, OptimizerName
 from e2kd.train.heap import DEFAULT_TOP_PAD_MIB, set_malloc_top_pad
 from e2kd.train.optim import build_optimizer
 
-from .flops import count_flops, matmul_rate
+from .flops import count_flops, gemm_size, matmul_rate
 
 PAIRS = {
     "gradcam": ("resnet34", "resnet18", "gradcam"),
@@ -434,8 +434,7 @@ def main(argv=None) -> int:
     if args.flops:
         dtype = torch.bfloat16 if args.amp == "bf16" else torch.float32
         gemm = matmul_rate(args.device, dtype) / 1e9
-        print(f"# {args.device} {str(dtype).removeprefix('torch.')} {2048 if args.device == 'cpu' else 8192}² matrix product: "
-              f"{gemm:.0f} GFLOP/s")
+        print(f"# {args.device} {str(dtype).removeprefix('torch.')} {gemm_size(args.device)}² matrix product: {gemm:.0f} GFLOP/s")
     report = {"argv": sys.argv, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()},
               "gemm_gflop_per_s": gemm, "pairs": {}}
     for pair in pairs:
