@@ -10,7 +10,7 @@ on TuxBirds at 32 px, dataset seed 0, counts 1000/300/600 by default (a test ima
 on its index, so the test split is the same for any training count).
 """
 
-import sys
+import argparse
 
 import torch
 
@@ -43,11 +43,19 @@ def main(run_dirs, counts=(1000, 300, 600)):
                   f"from background {outside[sel].mean():+.2f}  (bird share of pixels {m[sel].mean():.3f})")
 
 
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders of B-cos TuxBirds models (model.safetensors)")
+    p.add_argument("--counts", default="1000,300,600", help="TRAIN,VAL,TEST image counts of the dataset (default 1000,300,600)")
+    args = p.parse_args(argv)
+    try:
+        counts = tuple(int(c) for c in args.counts.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or min(counts) < 1:
+        p.error(f"--counts takes three positive whole numbers TRAIN,VAL,TEST, got {args.counts!r}")
+    return args.run_dirs, counts
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    counts = (1000, 300, 600)
-    if "--counts" in args:
-        i = args.index("--counts")
-        counts = tuple(int(c) for c in args[i + 1].split(","))
-        del args[i : i + 2]
-    main(args, counts)
+    main(*_parse())

@@ -141,8 +141,79 @@ def test_bad_inputs_are_clear_errors():
         Distiller(teacher, student)(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
     with pytest.raises(ValueError, match="no layer named 'head'"):
         Distiller(teacher, student, explainer=GradCAM("head"))(x)
-    with pytest.raises(ValueError, match="lam must be >= 0"):
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
         Distiller(teacher, student, lam=-1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lam": float("nan")}, "lam must be a finite number >= 0, got nan"),
+        ({"lam": float("inf")}, "lam must be a finite number"),
+        ({"lam": "1"}, None),  # a numeric string is a number (configs)
+        ({"lam": True}, "lam must be a number, got True"),
+        ({"lam": "one"}, "lam must be a number, got 'one'"),
+        ({"temperature": float("nan")}, "temperature must be a finite number > 0, got nan"),
+        ({"temperature": 0}, "temperature must be a finite number > 0"),
+        ({"explain_every": 1.5}, "explain_every must be a whole number >= 1, got 1.5"),
+        ({"explain_every": 0}, "explain_every must be a whole number >= 1"),
+        ({"explain_every": float("inf")}, "explain_every must be a whole number"),
+        ({"explain_every": 2.0}, None),
+    ],
+)
+def test_settings_are_checked_before_training(kwargs, match):
+    """NaN once made ``lam < 0`` false and then ``lam > 0`` false too: plain KD with no error."""
+    teacher, student = pair()
+    if match is None:
+        d = Distiller(teacher, student, **kwargs)
+        assert isinstance(d.lam, float) and isinstance(d.explain_every, int)
+        return
+    with pytest.raises(ValueError, match=match):
+        Distiller(teacher, student, **kwargs)
+
+
+def test_a_teacher_sharing_parameters_with_the_student_is_refused():
+    """Freezing the teacher would freeze the shared parameters: nothing would train."""
+    teacher, _ = pair()
+    with pytest.raises(ValueError, match=r"share \d+ parameter tensor\(s\).*copy.deepcopy"):
+        Distiller(teacher, teacher)
+    student = nn.Sequential(teacher.stem if hasattr(teacher, "stem") else next(teacher.children()))
+    with pytest.raises(ValueError, match="share"):
+        Distiller(teacher, student)
+    assert all(p.requires_grad for p in student.parameters())  # refused before anything was frozen
+
+
+class _TupleOut(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x), x.mean()
+
+
+class _WideOut(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).unflatten(1, (2, 5))  # (B, 2, 5): not logits
+
+
+@pytest.mark.parametrize("lam, every", [(0.0, 1), (1.0, 2)])
+def test_steps_without_an_explanation_check_the_model_outputs_too(lam, every):
+    """Steps that do not explain call the models directly; they must refuse what the explaining
+    steps refuse, with the same message, not fail later on an attribute of a tuple."""
+    teacher, student = pair()
+    x = torch.rand(2, 1, 28, 28)
+    for t, s, who in [(teacher, _TupleOut(student), "student"), (_TupleOut(teacher), student, "teacher"),
+                      (teacher, _WideOut(student), "student")]:
+        d = Distiller(t, s, lam=lam, explain_every=every)
+        d.calls = 1 if every == 2 else 0  # a step that does not explain
+        assert not d.explains_this_step()
+        with pytest.raises(ValueError, match=rf"{who}: the model must return logits of shape \(B, classes\)"):
+            d(x)
 
 
 def _live_tensors():

@@ -154,6 +154,62 @@ def test_gradcam_of_a_layer_whose_output_is_changed_in_place():
         torch.testing.assert_close(out.logits.detach(), logits.detach())
 
 
+def test_gradcam_of_a_layer_whose_output_the_model_adds_to_in_place():
+    """torchvision's BasicBlock adds the shortcut to ``bn2``'s output in place and applies an
+    in-place ReLU. ``own_output=True`` explains bn2's own output (captum's LayerGradCam, which
+    sees that output, is the oracle); ``own_output=False`` the tensor the layers above use (then
+    the block's output: the map of ``layer4`` itself); a named layer without the choice is
+    refused instead of silently explaining the block's output."""
+    from captum.attr import LayerGradCam
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=5).double().eval()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    expected = LayerGradCam(model, model.layer4[1].bn2).attribute(x, target=target, relu_attributions=True)
+    block = GradCAM("layer4", upsample=False)(model, x, target).maps
+    assert (expected - block).abs().max() > 1e-3  # the two readings differ here
+    for create_graph in (False, True):
+        own = GradCAM("layer4.1.bn2", upsample=False, own_output=True)(model, x, target, create_graph=create_graph)
+        torch.testing.assert_close(own.maps.detach(), expected, rtol=1e-9, atol=1e-12)
+        used = GradCAM("layer4.1.bn2", upsample=False, own_output=False)(model, x, target, create_graph=create_graph)
+        torch.testing.assert_close(used.maps.detach(), block, rtol=1e-9, atol=1e-12)
+        with pytest.raises(ValueError, match="changes the output of layer 'layer4.1.bn2' in place.*own_output=True"):
+            GradCAM("layer4.1.bn2")(model, x, target, create_graph=create_graph)
+    # the student's map is differentiable either way, and the model's logits are unchanged
+    x.requires_grad_(False)
+    out = GradCAM("layer4.1.bn2", own_output=True)(model, x, target, create_graph=True)
+    torch.testing.assert_close(out.logits, model(x))
+    out.maps.sum().backward()
+    assert model.layer4[1].bn2.weight.grad is not None
+    with pytest.raises(ValueError, match="own_output must be True, False or None"):
+        GradCAM(own_output="yes")
+
+
+def test_a_submodule_called_module_is_not_taken_for_a_wrapper():
+    """Only DataParallel / DistributedDataParallel / compiled wrappers are looked through."""
+
+    class Net(nn.Module):
+        gradcam_layer = "module"
+
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False))
+            self.fc = nn.Linear(2, 2, bias=False)
+            with torch.no_grad():
+                self.module[0].weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+                self.fc.weight.copy_(torch.tensor([[2.0, 1.0], [0.0, 3.0]]))
+
+        def forward(self, x):
+            return self.fc(self.module(x).mean(dim=(2, 3)))
+
+    out = GradCAM()(Net(), arange_input())  # the same network as CamNet
+    torch.testing.assert_close(out.maps, 0.25 * arange_input())
+    wrapped = nn.DataParallel(Net())
+    torch.testing.assert_close(GradCAM()(wrapped, arange_input()).maps, 0.25 * arange_input())
+
+
 def test_create_graph_maps_reach_every_parameter_of_the_head():
     model = _resnet18()
     out = GradCAM()(model, torch.rand(2, 3, 32, 32), create_graph=True)
@@ -183,6 +239,9 @@ def test_input_gradient_explainers_are_differentiable():
         (dict(target=torch.tensor([-3, 5])), "target index 5 is out of range"),
         (dict(target=torch.tensor([0, 1, 2])), "batch-size mismatch"),
         (dict(target=torch.tensor([0.0, 1.0])), "integer class indices"),
+        (dict(target=True), "got booleans"),
+        (dict(target=torch.tensor([True, False])), "got booleans"),
+        (dict(target=lambda z: z > 0), "got booleans"),
     ],
 )
 def test_bad_targets(kwargs, match):

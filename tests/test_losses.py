@@ -48,6 +48,29 @@ def test_multilabel_kd_saturated_logits_stay_finite():
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
 
+def test_a_teacher_logit_of_minus_infinity_adds_nothing():
+    """A masked class (teacher logit -inf, probability 0) follows 0 log 0 = 0: the loss equals the
+    loss over the remaining classes, worked out by hand, with finite gradients."""
+    s = torch.tensor([[0.0, 0.0, 5.0]], requires_grad=True)
+    t = torch.tensor([[math.log(3.0), 0.0, -math.inf]])  # p = (3/4, 1/4, 0)
+    e5 = math.exp(5.0)
+    q = (1 / (2 + e5), 1 / (2 + e5))
+    expected = 0.75 * math.log(0.75 / q[0]) + 0.25 * math.log(0.25 / q[1])
+    loss = kd_loss(s, t)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    # multi-label: a class with sigmoid probability 0 contributes -log(1 - q) only
+    s2 = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    t2 = torch.tensor([[-math.inf, math.log(3.0)]])  # p = (0, 3/4)
+    q1 = 1 / (1 + math.exp(-1.0))
+    expected2 = -math.log(0.5) + 0.75 * math.log(0.75 / q1) + 0.25 * math.log(0.25 / (1 - q1))
+    loss2 = multilabel_kd_loss(s2, t2)
+    assert loss2.item() == pytest.approx(expected2, rel=1e-6)
+    loss2.backward()
+    assert torch.isfinite(s2.grad).all()
+
+
 def test_explanation_loss_by_hand():
     s = torch.tensor([[[[1.0, 0.0]]], [[[2.0, 2.0]]]])
     t = torch.tensor([[[[1.0, 1.0]]], [[[1.0, 1.0]]]])

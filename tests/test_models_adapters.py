@@ -61,6 +61,8 @@ def test_input_norm_resolution_and_errors():
         create_model("resnet18", input_norm={"mean": [0, 0, 0], "std": [1, 0, 1]})
     with pytest.raises(ValueError, match="weights come from local files"):
         create_model("resnet18", weights="IMAGENET1K_V1")
+    with pytest.raises(ValueError, match="not pretrained=; nothing is downloaded"):
+        create_model("resnet34", pretrained=True)
     model = create_model("resnet18")
     with pytest.raises(ValueError, match=r"expects images \(B, 3, H, W\)"):
         model(torch.rand(1, 1, 32, 32))

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .explain.base import Explainer, TargetOutOfRange, create
+from .explain.base import Explainer, TargetOutOfRange, check_logits, create
 from .losses import explanation_loss, kd_loss, multilabel_kd_loss
+
+
+def _real(value, name: str) -> float:
+    """``value`` as a float; a clear error for booleans and for what is not a number."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 __all__ = ["Distiller"]
 
@@ -100,12 +111,22 @@ class Distiller(nn.Module):
             raise ValueError(f"student must be an nn.Module, got {type(student).__name__}")
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise ValueError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if int(explain_every) < 1:
-            raise ValueError(f"explain_every must be >= 1, got {explain_every}")
+        lam_value, t_value = _real(lam, "lam"), _real(temperature, "temperature")
+        if not math.isfinite(lam_value) or lam_value < 0:  # NaN fails here too
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if not math.isfinite(t_value) or t_value <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        every = _real(explain_every, "explain_every")
+        if not math.isfinite(every) or every != int(every) or every < 1:
+            raise ValueError(f"explain_every must be a whole number >= 1, got {explain_every!r}")
+        if teacher is not None:
+            shared = {id(q) for q in teacher.parameters()} & {id(q) for q in student.parameters()}
+            if shared:
+                raise ValueError(
+                    f"teacher and student share {len(shared)} parameter tensor(s); the Distiller freezes the "
+                    "teacher's parameters, which would freeze the student's too. Distil into a separate copy "
+                    "(e.g. copy.deepcopy(teacher)) or a separately built student"
+                )
         self.student = student
         # Kept outside the module registry: no parameters(), no state_dict(), no DDP.
         self.__dict__["_teacher"] = teacher
@@ -119,9 +140,9 @@ class Distiller(nn.Module):
         else:
             self.student_explainer = _as_explainer(explainer)
             self.teacher_explainer = self.student_explainer
-        self.lam = float(lam)
-        self.temperature = float(temperature)
-        self.explain_every = int(explain_every)
+        self.lam = lam_value
+        self.temperature = t_value
+        self.explain_every = int(every)
         self.multilabel = bool(multilabel)
         self.calls = 0
 
@@ -153,7 +174,9 @@ class Distiller(nn.Module):
         if explain:
             out = self.teacher_explainer(self.teacher, x, None, create_graph=False)
             return out.logits, out.maps
-        return self.teacher(x), None
+        logits = self.teacher(x)
+        check_logits(logits, x, "teacher")
+        return logits, None
 
     def forward(
         self,
@@ -196,6 +219,7 @@ class Distiller(nn.Module):
                 student_logits = student_logits.detach()
         else:
             student_logits = self.student(x)
+            check_logits(student_logits, x, "student")
         if student_logits.shape[-1] != teacher_logits.shape[-1]:
             raise ValueError(
                 f"teacher has {teacher_logits.shape[-1]} classes but student has {student_logits.shape[-1]}; "

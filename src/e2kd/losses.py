@@ -45,7 +45,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                  p_{bc}\,(\log p_{bc} - \log q_{bc}),\qquad
         p = \mathrm{softmax}(z_T / T),\; q = \mathrm{softmax}(z_S / T)
 
-    i.e. ``T² · KL(p ‖ q)`` summed over classes and averaged over the batch.
+    i.e. ``T² · KL(p ‖ q)`` summed over classes and averaged over the batch, with
+    ``0 · log 0 = 0`` (a teacher logit of −inf, a masked class, adds nothing).
 
     Parameters
     ----------
@@ -64,7 +65,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     t = temperature
     log_q = F.log_softmax(_wide(student_logits) / t, dim=1)
     log_p = F.log_softmax(_wide(teacher_logits.detach()) / t, dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    kl = _plogp_ratio(log_p, log_q).sum(dim=1)
     return kl.mean() * (t * t)
 
 
@@ -96,8 +97,14 @@ def multilabel_kd_loss(
     z = _wide(teacher_logits.detach()) / t
     log_p, log_1mp = F.logsigmoid(z), F.logsigmoid(-z)
     log_q, log_1mq = F.logsigmoid(s), F.logsigmoid(-s)
-    kl = log_p.exp() * (log_p - log_q) + log_1mp.exp() * (log_1mp - log_1mq)
+    kl = _plogp_ratio(log_p, log_q) + _plogp_ratio(log_1mp, log_1mq)
     return kl.sum(dim=1).mean() * (t * t)
+
+
+def _plogp_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``p · (log p − log q)`` element-wise, with ``0 · log 0 = 0``: a teacher probability of
+    exactly 0 (a logit of −inf, e.g. a masked class) adds nothing instead of NaN."""
+    return torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_q), 0.0)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

@@ -260,7 +260,7 @@ class BcosConv2d(DynamicLinearModule):
     With ``max_out = M > 1`` the layer holds ``M`` filters per output channel and keeps the
     largest linear response before the scaling. No bias.
 
-    Parameters (keyword-only after the channel counts)
+    Parameters (keyword-only after ``kernel_size``)
     ----------
     in_channels, out_channels : int
     kernel_size, stride, padding : int or pair

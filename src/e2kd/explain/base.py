@@ -36,12 +36,15 @@ class Explanation:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel / compiled wrapper."""
+    """The module inside a DistributedDataParallel / DataParallel / compiled wrapper (only
+    those: any other module is returned as it is, whatever its attributes are called)."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's wrapper (torch._dynamo.eval_frame), not imported here
+        else:
             return model
-        model = inner
 
 
 def check_input(x: torch.Tensor, who: str) -> None:
@@ -80,6 +83,11 @@ def resolve_target(logits: torch.Tensor, target: Optional[torch.Tensor | int], w
         return logits.detach().argmax(dim=1)
     if callable(target) and not torch.is_tensor(target):
         target = target(logits.detach())
+    if isinstance(target, bool) or (torch.is_tensor(target) and target.dtype == torch.bool):
+        raise ValueError(
+            f"{who}: target must hold class indices or logit weights, got booleans; for a mask over classes "
+            "pass its float weights (mask.float()), for class indices an integer tensor"
+        )
     if isinstance(target, int):
         target = torch.full((batch,), target, dtype=torch.long, device=logits.device)
     if not torch.is_tensor(target):

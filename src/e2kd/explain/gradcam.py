@@ -85,22 +85,44 @@ class GradCAM(Explainer):
         Resize maps to the input's spatial size (default) or keep the layer's resolution.
     relu : bool
         Apply the ReLU of the GradCAM definition (default True).
+    own_output : bool, optional
+        What :math:`A` is when the model changes the layer's output in place after the layer ran
+        (a residual ``out += identity`` after a torchvision block's ``bn2``, ``ReLU(inplace=True)``
+        after a convolution, torchvision DenseNet's ``F.relu(features, inplace=True)``).
+        ``True``: the layer's own output, as the layer returned it (as captum's
+        ``LayerGradCam``; the model goes on with a copy). ``False``: the tensor as the layers above
+        leave it, which is what they use (for DenseNet's ``features``: the post-ReLU features the
+        classifier pools). ``None`` (default): ``False`` for a model's default layer (see
+        :func:`default_gradcam_layer`); for a layer named with ``layer=``, an error if its output
+        is changed in place, asking for one of the two.
 
     Returns maps of shape (B, 1, H, W).
     """
 
     name = "gradcam"
 
-    def __init__(self, layer: Optional[str] = None, *, upsample: bool = True, relu: bool = True):
+    def __init__(
+        self,
+        layer: Optional[str] = None,
+        *,
+        upsample: bool = True,
+        relu: bool = True,
+        own_output: Optional[bool] = None,
+    ):
+        if own_output is not None and not isinstance(own_output, bool):
+            raise ValueError(f"GradCAM: own_output must be True, False or None, got {own_output!r}")
         self.layer = layer
         self.upsample = upsample
         self.relu = relu
+        self.own_output = own_output
 
     def explain(self, model, x, target, *, create_graph):
         inner = unwrap(model)
         layer_name = self.layer or default_gradcam_layer(inner)
         module = find_layer(inner, layer_name)
         captured: list[torch.Tensor] = []
+        versions: list[int] = []
+        copy = bool(self.own_output)
 
         def hook(_mod, _inp, out):
             if captured:
@@ -112,15 +134,22 @@ class GradCAM(Explainer):
                     "convolutional feature map (explain a transformer with 'gradient', 'inputxgradient' or B-cos)"
                 )
             if not create_graph or not out.requires_grad:
-                # Start a fresh graph here: nothing below the layer is recorded. The leaf is
-                # copied once, so that a model which goes on in place (torchvision's DenseNet:
-                # ``F.relu(features, inplace=True)``) changes the copy, as it changes the layer's
-                # output in a student's pass, instead of failing on a leaf.
+                # Start a fresh graph here: nothing below the layer is recorded. The model goes on
+                # with a copy of the leaf, so that a model which continues in place (torchvision's
+                # DenseNet: ``F.relu(features, inplace=True)``) changes the copy, as it changes the
+                # layer's output in a student's pass, instead of failing on a leaf.
                 torch.set_grad_enabled(True)
-                out = out.detach().requires_grad_(True).clone()
-            # the tensor as the layers above leave it (after any in-place change): what they use
-            captured.append(out)
-            return out
+                leaf = out.detach().requires_grad_(True)
+                passed = leaf.clone()
+                own = leaf
+            else:
+                passed = out.clone() if copy else out
+                own = out
+            # own_output: the layer's output, the model goes on with a copy; otherwise the tensor
+            # the model goes on with, as the layers above leave it (after any in-place change)
+            captured.append(own if copy else passed)
+            versions.append(passed._version)
+            return passed
 
         handle = module.register_forward_hook(hook)
         grad_mode = torch.is_grad_enabled()
@@ -137,6 +166,13 @@ class GradCAM(Explainer):
         if not captured:
             raise ValueError(f"GradCAM: layer {layer_name!r} was not used in the forward pass")
         act = captured[0]
+        if self.own_output is None and self.layer is not None and act._version != versions[0]:
+            raise ValueError(
+                f"GradCAM: the model changes the output of layer {layer_name!r} in place after the layer ran "
+                "(e.g. a residual `+=` or ReLU(inplace=True)), so its map is ambiguous: pass own_output=True "
+                "for the map of the layer's own output (as captum's LayerGradCam) or own_output=False for the "
+                "tensor as the layers above use it (config: explainer_kwargs.own_output)"
+            )
         tgt = resolve_target(logits, target, "GradCAM")
         score = target_score(logits, tgt)
         (grad,) = torch.autograd.grad(score, act, create_graph=create_graph)

@@ -20,8 +20,12 @@ def _tv(builder: str, num_classes: int, in_chans: int, input_norm: InputNorm = "
 
     if in_chans != 3:
         raise ValueError(f"{builder}: torchvision models take 3 input channels, got in_chans={in_chans}")
-    if "weights" in kwargs:
-        raise ValueError(f"{builder}: weights come from local files (model.checkpoint / e2kd.models.load_weights), not weights=")
+    for key in ("weights", "pretrained"):
+        if key in kwargs:
+            raise ValueError(
+                f"{builder}: weights come from local files (model.checkpoint / e2kd.models.load_weights), not "
+                f"{key}=; nothing is downloaded"
+            )
     stats = resolve_input_norm(input_norm, in_chans, what=builder)
     model = getattr(tvm, builder)(weights=None, num_classes=num_classes, **kwargs)
     return model if stats is None else normalise_inputs(model, *stats)

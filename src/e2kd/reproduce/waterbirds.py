@@ -66,7 +66,7 @@ ID_GROUPS = ("landbird_on_land", "waterbird_on_water")
 OOD_GROUPS = ("landbird_on_water", "waterbird_on_land")
 
 _PAPER = """The paper (ResNet-50 teacher guided to the bird box → ResNet-18 students on Waterbirds-100)
-reports its result as a figure, not a table; PAPER.md summarises it: KD students drift to the
+reports its result as a figure, not a table; its text summarises it: KD students drift to the
 background, e²KD students keep the teacher's focus on the bird and are more accurate and more in
 agreement with the teacher out of distribution (conflicting groups), at about equal
 in-distribution accuracy."""

@@ -12,6 +12,7 @@ so no config value is ever resolved or evaluated.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -352,7 +353,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
 def _check_values(cfg: ExperimentConfig) -> None:
     o, d = cfg.optim, cfg.distill
     checks = [
-        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
+        (math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}"),
         (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
         (o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}"),
         (o.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {o.grad_accum}"),
@@ -361,11 +362,11 @@ def _check_values(cfg: ExperimentConfig) -> None:
         (o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0, got {o.grad_clip}"),
         (o.agc_clip is None or o.agc_clip > 0, f"optim.agc_clip must be > 0, got {o.agc_clip}"),
         (o.warmup_epochs >= 0 and o.warmup_steps >= 0, "optim.warmup_epochs and optim.warmup_steps must be >= 0"),
-        (d.lam >= 0, f"distill.lam must be >= 0, got {d.lam}"),
-        (d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}"),
+        (math.isfinite(d.lam) and d.lam >= 0, f"distill.lam must be a finite number >= 0, got {d.lam}"),
+        (math.isfinite(d.temperature) and d.temperature > 0, f"distill.temperature must be a finite number > 0, got {d.temperature}"),
         (d.explain_every >= 1, f"distill.explain_every must be >= 1, got {d.explain_every}"),
         (cfg.guidance.kind in (None, "energy", "l1"), f"guidance.kind must be null, energy or l1, got {cfg.guidance.kind!r}"),
-        (cfg.guidance.weight >= 0, f"guidance.weight must be >= 0, got {cfg.guidance.weight}"),
+        (math.isfinite(cfg.guidance.weight) and cfg.guidance.weight >= 0, f"guidance.weight must be a finite number >= 0, got {cfg.guidance.weight}"),
         (d.gt_weight >= 0, f"distill.gt_weight must be >= 0, got {d.gt_weight}"),
         (cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}"),
         (cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}"),
