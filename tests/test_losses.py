@@ -69,6 +69,9 @@ def test_a_teacher_logit_of_minus_infinity_adds_nothing():
     assert loss2.item() == pytest.approx(expected2, rel=1e-6)
     loss2.backward()
     assert torch.isfinite(s2.grad).all()
+    # a NaN teacher is not a masked class: it must still show as NaN
+    assert torch.isnan(kd_loss(s, torch.full((1, 3), math.nan)))
+    assert torch.isnan(multilabel_kd_loss(s2, torch.tensor([[math.nan, 0.0]])))
 
 
 def test_explanation_loss_by_hand():

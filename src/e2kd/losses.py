@@ -103,8 +103,8 @@ def multilabel_kd_loss(
 
 def _plogp_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``p · (log p − log q)`` element-wise, with ``0 · log 0 = 0``: a teacher probability of
-    exactly 0 (a logit of −inf, e.g. a masked class) adds nothing instead of NaN."""
-    return torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_q), 0.0)
+    exactly 0 (a logit of −inf, e.g. a masked class) adds nothing instead of NaN; a NaN stays NaN."""
+    return torch.where(log_p != -torch.inf, log_p.exp() * (log_p - log_q), 0.0)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
