@@ -195,6 +195,9 @@ def test_freeze_needs_an_output_folder_and_teacher_weights(tmp_path, teacher, ca
     assert "set teacher.frozen=PATH or pass --out PATH" in capsys.readouterr().err
     assert main(["freeze", cfg, "--out", str(tmp_path / "s"), "teacher.checkpoint=null"]) == 2
     assert "needs the teacher's weights" in capsys.readouterr().err
+    assert main(["freeze", cfg, "--out", str(tmp_path / "s0"), "--batch-size", "0"]) == 2
+    assert "freeze: the batch size must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "s0").exists()
 
 
 def test_evaluate_a_frozen_run_from_the_eval_store(tmp_path, teacher, capsys):

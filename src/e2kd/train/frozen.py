@@ -69,6 +69,11 @@ def teacher_weights_bytes(cfg: ExperimentConfig) -> Optional[int]:
     return path.stat().st_size if path.is_file() else None
 
 
+def _first_set(*values):
+    """The first value that is not None (0 is a value, refused by the checks, not a default)."""
+    return next(v for v in values if v is not None)
+
+
 def _teacher(cfg: ExperimentConfig, data: Dict[str, object]):
     if not teacher_weights_available(cfg):
         raise ValueError(
@@ -107,6 +112,11 @@ def freeze_run(
     map_size, map_dtype, topk, shard_size : see :func:`e2kd.frozen.freeze`
     progress : default ``cfg.progress``
     """
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(
+            f"freeze: the batch size must be >= 1, got {batch_size}; leave --batch-size out to use eval_batch_size "
+            "(or optim.batch_size)"
+        )
     path = store_path(cfg, split, out)
     info = init_distributed(cfg.device)
     try:
@@ -124,7 +134,7 @@ def freeze_run(
             t_exp,
             dataset,
             path,
-            batch_size=int(batch_size or cfg.eval_batch_size or cfg.optim.batch_size),
+            batch_size=int(_first_set(batch_size, cfg.eval_batch_size, cfg.optim.batch_size)),
             map_size=map_size,
             map_dtype=map_dtype,
             topk=topk,

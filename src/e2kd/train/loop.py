@@ -657,7 +657,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
 
 def evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_dtype) -> Dict[str, Any]:
     """Metrics on the evaluation split (and ``val`` under ``results["val"]``)."""
-    bs = cfg.eval_batch_size or cfg.optim.batch_size
+    bs = cfg.eval_batch_size if cfg.eval_batch_size is not None else cfg.optim.batch_size
     results: Dict[str, Any] = {}
     channels_last = use_channels_last(cfg, model, info.device)
     if channels_last:  # as in training (a no-op there); values are the same up to rounding
