@@ -206,13 +206,44 @@ def _dry_run_frozen(model: nn.Module, explainers, probe: Dict[str, torch.Tensor]
         model.zero_grad(set_to_none=True)
 
 
-def _frozen_evaluation(cfg: ExperimentConfig, frozen, data: Dict[str, Any], explainers, in_chans: int, device):
+def _open_eval_store(cfg: ExperimentConfig, frozen, eval_ds, explainers):
+    """The store of the evaluation split (``teacher.frozen_eval``) of a frozen run, opened and
+    checked against the run and the training store before any step, or None.
+
+    It is used by the final evaluation when the config names no teacher weights; with teacher
+    weights (which the evaluation prefers) the store must still exist, since the config names it.
+    """
+    if cfg.teacher.frozen_eval is None:
+        return None
+    from ..frozen import FrozenStore
+
+    if teacher_weights_available(cfg):
+        try:
+            FrozenStore(cfg.teacher.frozen_eval)
+        except FileNotFoundError as err:
+            raise ValueError(f"teacher.frozen_eval={cfg.teacher.frozen_eval!r}: {err}") from None
+        return None
+    from .frozen import open_store
+
+    opened = open_store(cfg, "eval", eval_ds, teacher_explainer=explainers[0], num_classes=frozen.store.num_classes,
+                        verify_teacher=False)
+    if opened.store.teacher_id != frozen.store.teacher_id:
+        raise ValueError(
+            f"teacher.frozen_eval={cfg.teacher.frozen_eval!r} holds the outputs of teacher {opened.store.teacher_id} but "
+            f"teacher.frozen={cfg.teacher.frozen!r} those of {frozen.store.teacher_id}; freeze both splits from the same "
+            "teacher (e2kd freeze, then e2kd freeze --split eval)"
+        )
+    return opened
+
+
+def _frozen_evaluation(cfg: ExperimentConfig, frozen, eval_store, data: Dict[str, Any], in_chans: int, device):
     """The teacher side of the final evaluation of a frozen run: (teacher, data, note).
 
     Teacher weights named by the config are loaded now (after training) and must match the
-    store's fingerprint; otherwise a store of the evaluation split (``teacher.frozen_eval``)
-    gives the teacher's logits and maps per evaluation image; otherwise there is no teacher
-    and ``note`` says why agreement is missing.
+    store's fingerprint; otherwise the store of the evaluation split (``teacher.frozen_eval``,
+    opened and checked before training by :func:`_open_eval_store`) gives the teacher's logits
+    and maps per evaluation image; otherwise there is no teacher and ``note`` says why
+    agreement is missing.
     """
     if teacher_weights_available(cfg):
         teacher = build_teacher(cfg, num_classes=frozen.store.num_classes, in_chans=in_chans)
@@ -220,14 +251,10 @@ def _frozen_evaluation(cfg: ExperimentConfig, frozen, data: Dict[str, Any], expl
 
         frozen.store.check({"teacher_id": teacher_fingerprint(teacher)})
         return teacher.to(device), data, None
-    if cfg.teacher.frozen_eval is not None:
+    if eval_store is not None:
         from ..frozen import FrozenDataset
-        from .frozen import open_store
 
-        opened = open_store(cfg, "eval", data["eval"], teacher_explainer=explainers[0], num_classes=frozen.store.num_classes,
-                            verify_teacher=False)
-        opened.store.check({"teacher_id": frozen.store.teacher_id})
-        data = dict(data, eval=FrozenDataset(data["eval"], opened.store, check_dataset=False))
+        data = dict(data, eval=FrozenDataset(data["eval"], eval_store.store, check_dataset=False))
         return None, data, None
     return None, data, (
         "agreement unavailable: the student was distilled from the frozen store without teacher weights; give "
@@ -324,7 +351,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     # ---- models ------------------------------------------------------------------------
     teacher = None
     explainers = None
-    frozen = None
+    frozen = eval_store = None
     stream_ds = train_ds
     if mode == "distill":
         explainers = build_explainers(cfg.distill)
@@ -336,6 +363,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             check_mirrored(cfg.data.augment)
             frozen = open_store(cfg, "train", train_ds, teacher_explainer=explainers[0], num_classes=cfg.teacher.num_classes)
             num_classes = frozen.store.num_classes
+            eval_store = _open_eval_store(cfg, frozen, eval_ds, explainers)
             stream_ds = FrozenDataset(train_ds, frozen.store, check_dataset=False)
         else:
             # The teacher's construction draws no random numbers from the run's stream, so the
@@ -635,7 +663,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     # ---- evaluation --------------------------------------------------------------------
     note = None
     if frozen is not None:
-        teacher, data, note = _frozen_evaluation(cfg, frozen, data, explainers, in_chans, device)
+        teacher, data, note = _frozen_evaluation(cfg, frozen, eval_store, data, in_chans, device)
     results = evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_dtype)
     if frozen is not None:
         results["frozen_store"] = frozen.record()
