@@ -10,7 +10,7 @@ from .batches import build_datasets
 from .build import build_explainers, build_model, build_teacher, load_model_file
 from .config import ExperimentConfig, load_config
 from .distributed import init_distributed, shutdown
-from .loop import _amp_dtype, evaluate_model
+from .loop import _amp_dtype, evaluate_model, resolve_multilabel
 from .runfolder import atomic_write_json
 
 __all__ = ["evaluate_target"]
@@ -39,6 +39,7 @@ def evaluate_target(target: str, overrides: Sequence[str] = ()) -> Tuple[Optiona
         data = build_datasets(cfg)
         data.pop("train")
         ds = data["eval"]
+        multilabel = resolve_multilabel(cfg, ds, "evaluation")
         in_chans = int(ds.in_chans)
         if path.is_dir():
             model = load_model_file(path, in_chans=in_chans)
@@ -69,7 +70,6 @@ def evaluate_target(target: str, overrides: Sequence[str] = ()) -> Tuple[Optiona
             note = ("agreement unavailable: no teacher weights (teacher.checkpoint) and no store of the evaluation split "
                     "(teacher.frozen_eval)")
         model.to(info.device)
-        multilabel = bool(cfg.distill.multilabel if cfg.distill.multilabel is not None else getattr(ds, "multilabel", False))
         results = evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, _amp_dtype(cfg, info.device))
         if note is not None:
             results["agreement_note"] = note

@@ -263,6 +263,22 @@ def _frozen_evaluation(cfg: ExperimentConfig, frozen, eval_store, data: Dict[str
     )
 
 
+def resolve_multilabel(cfg: ExperimentConfig, dataset, role: str = "training") -> bool:
+    """Whether the run treats labels as multi-hot: ``distill.multilabel``, or the data's kind
+    when it is null. A setting that contradicts the data's labels is refused (class indices
+    cannot feed a per-class binary loss, nor multi-hot vectors a softmax one)."""
+    kind = bool(getattr(dataset, "multilabel", False))
+    asked = cfg.distill.multilabel
+    if asked is not None and bool(asked) != kind:
+        name = (cfg.data.eval_name or cfg.data.name) if role == "evaluation" else cfg.data.name
+        labels = "multi-hot labels (multi-label)" if kind else "one class index per image (single-label)"
+        raise ValueError(
+            f"distill.multilabel={str(bool(asked)).lower()} but the {role} data {name!r} has {labels}; set "
+            f"distill.multilabel=null (it follows the data) or distill.multilabel={str(kind).lower()}"
+        )
+    return kind
+
+
 def _resolve_resume(cfg: ExperimentConfig, ckpt_dir: Path) -> Optional[Path]:
     if cfg.resume == "none":
         found = latest_checkpoint(ckpt_dir)
@@ -338,7 +354,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     data = build_datasets(cfg)
     train_ds, eval_ds = data["train"], data["eval"]
     in_chans = int(train_ds.in_chans)
-    multilabel = bool(cfg.distill.multilabel if cfg.distill.multilabel is not None else getattr(train_ds, "multilabel", False))
+    multilabel = resolve_multilabel(cfg, train_ds)
+    resolve_multilabel(cfg, eval_ds, "evaluation")
     if (mode != "distill" or cfg.distill.gt_weight > 0) and not multilabel:
         labels = getattr(train_ds, "labels", None)
         if labels is not None and bool((labels < 0).any()):
