@@ -20,8 +20,24 @@ def _has_teacher(cfg: ExperimentConfig) -> bool:
     return cfg.teacher.checkpoint is not None or bool(cfg.teacher.kwargs.get("pretrained", False))
 
 
-def evaluate_target(target: str, overrides: Sequence[str] = ()) -> Tuple[Optional[Path], Dict[str, Any]]:
+def _result_place(checkpoint: Path) -> Tuple[Path, str]:
+    """(folder, file-name prefix) of the results of evaluating the weights ``checkpoint``: a run
+    folder (or the ``model.safetensors`` of one) keeps them beside its own results; a plain
+    weights file gets ``<stem>.eval_<dataset>_<split>.json`` beside it."""
+    if checkpoint.is_dir():
+        return checkpoint, ""
+    if checkpoint.name == "model.safetensors" and (checkpoint.parent / "config.yaml").is_file():
+        return checkpoint.parent, ""
+    return checkpoint.parent, f"{checkpoint.stem}."
+
+
+def evaluate_target(target: str, overrides: Sequence[str] = (), output: Optional[str] = None) -> Tuple[Optional[Path], Dict[str, Any]]:
     """Evaluate ``target`` (run folder or config file); write ``eval_<dataset>_<split>.json``.
+
+    Where the results go: ``output`` if given; else into the evaluated run folder (the target,
+    or the run folder that ``model.checkpoint`` of a config names); else, for a plain weights
+    file, beside it as ``<stem>.eval_<dataset>_<split>.json``. A config's own run folder
+    (``output_dir/name``) is never written: it may hold another model's run.
 
     Returns the written path (None on ranks other than 0) and the results.
     """
@@ -30,10 +46,17 @@ def evaluate_target(target: str, overrides: Sequence[str] = ()) -> Tuple[Optiona
         if not (path / "config.yaml").is_file():
             raise FileNotFoundError(f"{target!r} is a folder without config.yaml; give an e2kd run folder or a config file")
         cfg = load_config(path / "config.yaml", overrides)
-        run_dir = path
+        run_dir, prefix = path, ""
     else:
         cfg = load_config(path, overrides)
-        run_dir = Path(cfg.output_dir) / cfg.name
+        if cfg.model.checkpoint is None:
+            raise ValueError(
+                "evaluate with a config needs model.checkpoint (a weights file or run folder): add "
+                "model.checkpoint=PATH, or give the run folder itself (e2kd evaluate runs/NAME)"
+            )
+        run_dir, prefix = _result_place(Path(cfg.model.checkpoint))
+    if output is not None and Path(output).is_dir():
+        raise ValueError(f"--output {output!r} is a folder; give the path of the JSON file to write")
     info = init_distributed(cfg.device)
     try:
         data = build_datasets(cfg)
@@ -44,8 +67,6 @@ def evaluate_target(target: str, overrides: Sequence[str] = ()) -> Tuple[Optiona
         if path.is_dir():
             model = load_model_file(path, in_chans=in_chans)
         else:
-            if cfg.model.checkpoint is None:
-                raise ValueError("evaluate with a config needs model.checkpoint (a weights file or run folder)")
             ckpt = Path(cfg.model.checkpoint)
             if ckpt.is_dir() or ckpt.suffix == ".safetensors" and _has_record(ckpt):
                 model = load_model_file(ckpt, in_chans=in_chans)
@@ -76,7 +97,7 @@ def evaluate_target(target: str, overrides: Sequence[str] = ()) -> Tuple[Optiona
         out = None
         if info.is_main:
             tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.data.eval_name or cfg.data.name}_{cfg.data.eval_split}")
-            out = run_dir / f"eval_{tag}.json"
+            out = Path(output) if output is not None else run_dir / f"{prefix}eval_{tag}.json"
             atomic_write_json(out, results)
         return out, results
     finally:
