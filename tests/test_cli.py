@@ -122,3 +122,46 @@ def test_evaluate_a_config_writes_beside_the_evaluated_weights_never_into_anothe
     assert "evaluate with a config needs model.checkpoint" in capsys.readouterr().err
     assert main(["evaluate", str(second), "distill.multilabel=true"]) == 2
     assert "distill.multilabel=true but the evaluation data 'synthetic' has one class index per image" in capsys.readouterr().err
+
+
+def test_evaluate_a_run_from_another_directory_finds_its_relative_paths(tmp_path, monkeypatch, capsys):
+    import json
+    import shutil
+
+    from _train_helpers import base_config
+    from e2kd.train import config_from_dict, run
+
+    start = tmp_path / "project"
+    start.mkdir()
+    monkeypatch.chdir(start)  # trained with paths relative to `project`
+    run(config_from_dict(base_config("runs", "teacher", **{"optim.max_steps": 1})), mode="teacher")
+    student = start / run(config_from_dict(base_config("runs", "student", **{
+        "optim.max_steps": 1, "teacher.checkpoint": "runs/teacher"})), mode="distill")
+    trained = _json(student / "results.json")
+    assert _json(student / "env.json")["cwd"] == str(start)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", str(student)]) == 0  # teacher.checkpoint found from the recorded cwd
+    again = _json(student / "eval_synthetic_test.json")
+    assert again["agreement"] == trained["agreement"] and again["accuracy"] == trained["accuracy"]
+
+    env = _json(student / "env.json")  # a run folder from before env.json recorded cwd
+    del env["cwd"]
+    (student / "env.json").write_text(json.dumps(env))
+    (student / "eval_synthetic_test.json").unlink()
+    assert main(["evaluate", str(student)]) == 0  # start directory inferred from output_dir/name
+    assert _json(student / "eval_synthetic_test.json")["agreement"] == trained["agreement"]
+
+    moved = shutil.copytree(student, tmp_path / "moved")  # neither recorded nor inferable
+    (moved / "eval_synthetic_test.json").unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(moved)]) == 2
+    err = capsys.readouterr().err
+    assert (f"teacher.checkpoint='runs/teacher' (from {str(moved / 'config.yaml')!r}) does not exist from the current "
+            f"directory {str(elsewhere)!r}: relative paths in a config are resolved from the current directory; run e2kd "
+            "evaluate from the directory the run was started in, or give the path absolute") in err, err
+    assert not (moved / "eval_synthetic_test.json").exists()
+    assert main(["evaluate", str(moved), f"teacher.checkpoint={start / 'runs' / 'teacher'}"]) == 0
+    assert _json(moved / "eval_synthetic_test.json")["agreement"] == trained["agreement"]

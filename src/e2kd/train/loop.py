@@ -20,6 +20,7 @@ reports the student's accuracy and says that agreement is unavailable.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -510,7 +511,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             run_dir / "env.json",
             environment_record(
                 data={"sampling": sampling, "datasets": hashes},
-                extra={"world_size": info.world_size, "mode": mode, "malloc_top_pad_mib": heap_pad, "channels_last": channels_last, "resumed_from": str(resume_from) if resume_from else None,
+                # cwd: where the config's relative paths point from (e2kd evaluate reads it)
+                extra={"cwd": os.getcwd(), "world_size": info.world_size, "mode": mode, "malloc_top_pad_mib": heap_pad, "channels_last": channels_last, "resumed_from": str(resume_from) if resume_from else None,
                    "frozen_store": frozen.record() if frozen is not None else None},
             ),
         )
