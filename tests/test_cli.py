@@ -67,3 +67,101 @@ def test_list_prints_the_names_each_registry_accepts(capsys):
     assert out == [n for n in list_datasets() if "tux" in n] and "tuxobjects" in out
     assert main(["list", "models", "zzz"]) == 2
     assert "no models match 'zzz'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two finished train-teacher runs (one step each) of the synthetic data, and the first's config file."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _train_helpers import base_config
+    from e2kd.train import config_from_dict, run
+
+    out = tmp_path_factory.mktemp("runs")
+    first = run(config_from_dict(base_config(out, "first", **{"optim.max_steps": 1})), mode="teacher")
+    second = run(config_from_dict(base_config(out, "second", **{"optim.max_steps": 1, "optim.lr": 0.05})), mode="teacher")
+    return out, first, second
+
+
+def _json(path):
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def test_evaluate_a_config_writes_beside_the_evaluated_weights_never_into_another_run(two_runs, tmp_path, capsys):
+    import shutil
+
+    out, first, second = two_runs
+    cfg = str(first / "config.yaml")  # names the run 'first', but evaluates the weights of 'second'
+    first_files = sorted(p.name for p in first.iterdir())
+    assert main(["evaluate", cfg, f"model.checkpoint={second}"]) == 0
+    assert "wrote " + str(second / "eval_synthetic_test.json") in capsys.readouterr().err
+    by_folder = _json(second / "eval_synthetic_test.json")
+    assert by_folder["accuracy"] == _json(second / "results.json")["accuracy"]
+    assert sorted(p.name for p in first.iterdir()) == first_files  # the config's own run is untouched
+
+    (second / "eval_synthetic_test.json").unlink()
+    assert main(["evaluate", cfg, f"model.checkpoint={second / 'model.safetensors'}"]) == 0
+    assert _json(second / "eval_synthetic_test.json") == by_folder
+
+    loose = tmp_path / "weights" / "w.safetensors"  # a plain weights file: results beside it, named after it
+    loose.parent.mkdir()
+    shutil.copy(second / "model.safetensors", loose)
+    assert main(["evaluate", cfg, f"model.checkpoint={loose}", "name=stray", f"output_dir={tmp_path}"]) == 0
+    assert sorted(p.name for p in loose.parent.iterdir()) == ["w.eval_synthetic_test.json", "w.safetensors"]
+    assert _json(loose.parent / "w.eval_synthetic_test.json") == by_folder
+    assert not (tmp_path / "stray").exists()  # no run folder is created for the config's name
+
+    chosen = tmp_path / "chosen.json"
+    assert main(["evaluate", str(second), "-o", str(chosen)]) == 0
+    assert _json(chosen) == by_folder
+    assert main(["evaluate", str(second), "--output", str(tmp_path)]) == 2
+    assert f"--output {str(tmp_path)!r} is a folder" in capsys.readouterr().err
+
+    assert main(["evaluate", cfg]) == 2
+    assert "evaluate with a config needs model.checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", str(second), "distill.multilabel=true"]) == 2
+    assert "distill.multilabel=true but the evaluation data 'synthetic' has one class index per image" in capsys.readouterr().err
+
+
+def test_evaluate_a_run_from_another_directory_finds_its_relative_paths(tmp_path, monkeypatch, capsys):
+    import json
+    import shutil
+
+    from _train_helpers import base_config
+    from e2kd.train import config_from_dict, run
+
+    start = tmp_path / "project"
+    start.mkdir()
+    monkeypatch.chdir(start)  # trained with paths relative to `project`
+    run(config_from_dict(base_config("runs", "teacher", **{"optim.max_steps": 1})), mode="teacher")
+    student = start / run(config_from_dict(base_config("runs", "student", **{
+        "optim.max_steps": 1, "teacher.checkpoint": "runs/teacher"})), mode="distill")
+    trained = _json(student / "results.json")
+    assert _json(student / "env.json")["cwd"] == str(start)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", str(student)]) == 0  # teacher.checkpoint found from the recorded cwd
+    again = _json(student / "eval_synthetic_test.json")
+    assert again["agreement"] == trained["agreement"] and again["accuracy"] == trained["accuracy"]
+
+    env = _json(student / "env.json")  # a run folder from before env.json recorded cwd
+    del env["cwd"]
+    (student / "env.json").write_text(json.dumps(env))
+    (student / "eval_synthetic_test.json").unlink()
+    assert main(["evaluate", str(student)]) == 0  # start directory inferred from output_dir/name
+    assert _json(student / "eval_synthetic_test.json")["agreement"] == trained["agreement"]
+
+    moved = shutil.copytree(student, tmp_path / "moved")  # neither recorded nor inferable
+    (moved / "eval_synthetic_test.json").unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(moved)]) == 2
+    err = capsys.readouterr().err
+    assert (f"teacher.checkpoint='runs/teacher' (from {str(moved / 'config.yaml')!r}) does not exist from the current "
+            f"directory {str(elsewhere)!r}: relative paths in a config are resolved from the current directory; run e2kd "
+            "evaluate from the directory the run was started in, or give the path absolute") in err, err
+    assert not (moved / "eval_synthetic_test.json").exists()
+    assert main(["evaluate", str(moved), f"teacher.checkpoint={start / 'runs' / 'teacher'}"]) == 0
+    assert _json(moved / "eval_synthetic_test.json")["agreement"] == trained["agreement"]

@@ -195,6 +195,9 @@ def test_freeze_needs_an_output_folder_and_teacher_weights(tmp_path, teacher, ca
     assert "set teacher.frozen=PATH or pass --out PATH" in capsys.readouterr().err
     assert main(["freeze", cfg, "--out", str(tmp_path / "s"), "teacher.checkpoint=null"]) == 2
     assert "needs the teacher's weights" in capsys.readouterr().err
+    assert main(["freeze", cfg, "--out", str(tmp_path / "s0"), "--batch-size", "0"]) == 2
+    assert "freeze: the batch size must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "s0").exists()
 
 
 def test_evaluate_a_frozen_run_from_the_eval_store(tmp_path, teacher, capsys):
@@ -233,3 +236,41 @@ def test_freeze_under_torchrun_gives_the_one_process_store(tmp_path, teacher):
     )
     one, two = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("one", "two"))
     assert len(two["shards"]) == 4 and [s["sha256"] for s in two["shards"]] == [s["sha256"] for s in one["shards"]]
+
+
+def test_frozen_run_inputs_are_checked_before_training(tmp_path, teacher, frozen_store, capsys):
+    """A missing or mismatched teacher.frozen_eval or teacher.checkpoint stops the run before any
+    step: no run folder, so the corrected command starts afresh instead of being refused on resume."""
+    cfg, store = frozen_store
+    small = ["data.eval_limit=16"]
+    assert main(["freeze", cfg, "--split", "eval", "--out", str(tmp_path / "e16"), "progress=false", *small]) == 0
+    other = _other_teacher(tmp_path, teacher)
+    assert main(["freeze", cfg, "--split", "eval", "--out", str(tmp_path / "eo"), f"teacher.checkpoint={other}",
+                 "progress=false", *small]) == 0
+    capsys.readouterr()
+    frozen_only = [f"teacher.frozen={store}", "teacher.checkpoint=null", "name=refused"]
+    cases = [
+        ([*frozen_only, f"teacher.frozen_eval={tmp_path / 'nope'}"],
+         f"teacher.frozen_eval={str(tmp_path / 'nope')!r}: no frozen store at"),
+        ([*frozen_only, f"teacher.frozen_eval={tmp_path / 'e16'}", "data.eval_limit=8"],
+         "was built for a different dataset_size"),
+        ([*frozen_only, f"teacher.frozen_eval={tmp_path / 'eo'}", *small], "freeze both splits from the same teacher"),
+        ([f"teacher.frozen={store}", f"teacher.checkpoint={tmp_path / 'nope'}", "name=refused"],
+         f"teacher.checkpoint={str(tmp_path / 'nope')!r} does not exist; give the teacher's train-teacher run folder"),
+        ([f"teacher.frozen={store}", f"teacher.checkpoint={tmp_path}", "name=refused"],
+         "is a folder without model.safetensors"),
+        ([f"teacher.frozen={store}", f"teacher.frozen_eval={tmp_path / 'nope'}", "name=refused"],
+         f"teacher.frozen_eval={str(tmp_path / 'nope')!r}: no frozen store at"),
+    ]
+    for overrides, message in cases:
+        assert main(["distill", cfg, *overrides, "optim.max_steps=1"]) == 2, overrides
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert "larger than" not in err  # no false note about the size of missing weights
+        assert not (tmp_path / "refused").exists()
+    # the matching store of the evaluation split is accepted, and gives agreement without teacher weights
+    assert main(["distill", cfg, *frozen_only[:2], f"teacher.frozen_eval={tmp_path / 'e16'}", *small,
+                 "optim.max_steps=1", "name=ok"]) == 0
+    assert "larger than" not in capsys.readouterr().err
+    res = _results(tmp_path / "ok")
+    assert res["num_images"] == 16 and 0.0 <= res["agreement"] <= 1.0 and "agreement_note" not in res

@@ -59,6 +59,28 @@ def test_model_kwargs_that_clash_or_do_not_exist(tmp_path, kwargs, match):
     _fails_before_training(tmp_path, values, "teacher", ValueError, match)
 
 
+@pytest.mark.parametrize("mode", ["teacher", "distill"])
+def test_multilabel_setting_that_contradicts_the_data(tmp_path, mode):
+    single = base_config(tmp_path, "x", **{"distill.multilabel": True, "teacher.checkpoint": str(tmp_path / "t")})
+    _fails_before_training(
+        tmp_path, single, mode, ValueError,
+        r"distill.multilabel=true but the training data 'synthetic' has one class index per image \(single-label\); "
+        r"set distill.multilabel=null \(it follows the data\) or distill.multilabel=false")
+    multi = base_config(tmp_path, "x", **{
+        "distill.multilabel": False, "teacher.checkpoint": str(tmp_path / "t"),
+        "data.kwargs": {"num_samples": 64, "multilabel": True}, "data.eval_kwargs": {"num_samples": 32, "multilabel": True}})
+    _fails_before_training(tmp_path, multi, mode, ValueError,
+                           r"distill.multilabel=false but the training data 'synthetic' has multi-hot labels")
+    assert not (tmp_path / "x").exists()
+
+
+def test_multilabel_setting_that_contradicts_the_evaluation_data(tmp_path):
+    values = base_config(tmp_path, "x", **{"distill.multilabel": True, "data.kwargs": {"num_samples": 64, "multilabel": True},
+                                           "data.eval_kwargs": {"num_samples": 32, "multilabel": False}})
+    _fails_before_training(tmp_path, values, "teacher", ValueError,
+                           r"distill.multilabel=true but the evaluation data 'synthetic' has one class index per image")
+
+
 def test_resume_from_a_checkpoint_of_another_architecture(tmp_path):
     other = run(config_from_dict(base_config(tmp_path, "other", **{"model.name": "tiny_test_net", "optim.max_steps": 1})),
                 mode="teacher")

@@ -87,6 +87,17 @@ def test_a_mapping_override_replaces_free_form_arguments_but_merges_into_section
         ({}, ["distill.temperature=inf"], r"distill.temperature must be a finite number > 0, got inf"),
         ({}, ["optim.lr=nan"], r"optim.lr must be a finite number > 0"),
         ({}, ["lam"], r"must look like key=value"),
+        ({}, ["eval.iou_rule=foo"], r"eval.iou_rule must be one of fraction_of_max, top_fraction, got 'foo'"),
+        ({}, ["eval.iou_value=5"], r"eval.iou_value must be in \[0, 1\] for eval.iou_rule=fraction_of_max, got 5.0"),
+        ({}, ["eval.iou_rule=top_fraction", "eval.iou_value=0"],
+         r"eval.iou_value must be in \(0, 1\] for eval.iou_rule=top_fraction, got 0.0"),
+        ({}, ["eval.iou_value=nan"], r"eval.iou_value must be in \[0, 1\] .* got nan"),
+        ({}, ["eval_batch_size=-1"], r"eval_batch_size must be >= 1 \(or null .*\), got -1"),
+        ({}, ["eval_batch_size=0"], r"eval_batch_size must be >= 1 \(or null .*\), got 0"),
+        ({}, ["data.eval_limit=-5"], r"data.eval_limit must be >= 1 \(or null .*\), got -5"),
+        ({}, ["data.eval_limit=0"], r"data.eval_limit must be >= 1 \(or null .*\), got 0"),
+        ({}, ["data.image_size=0"], r"data.image_size must be >= 1 pixel \(or null .*\), got 0"),
+        ({}, ["data.image_size=-3"], r"data.image_size must be >= 1 pixel \(or null .*\), got -3"),
         ({"name": "${oc.env:HOME}"}, [], r"interpolation"),
         ({}, ["output_dir=${oc.env:HOME}"], r"interpolation"),
     ],
@@ -94,6 +105,13 @@ def test_a_mapping_override_replaces_free_form_arguments_but_merges_into_section
 def test_bad_configs_are_clear_errors(values, overrides, message):
     with pytest.raises(ValueError, match=message):
         config_from_dict(values, overrides)
+
+
+def test_evaluation_settings_at_their_limits_are_accepted():
+    cfg = config_from_dict({}, ["eval.iou_value=0", "eval_batch_size=1", "data.eval_limit=1", "data.image_size=1"])
+    assert (cfg.eval.iou_value, cfg.eval_batch_size, cfg.data.eval_limit, cfg.data.image_size) == (0.0, 1, 1, 1)
+    cfg = config_from_dict({}, ["eval.iou_rule=top_fraction", "eval.iou_value=1"])
+    assert (cfg.eval.iou_rule, cfg.eval.iou_value) == ("top_fraction", 1.0)
 
 
 def test_yaml_is_read_safely(tmp_path):

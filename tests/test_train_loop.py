@@ -197,5 +197,7 @@ def test_fashion_mnist_configs_run_at_small_size(tmp_path):
     cfg_file = tmp_path / "eval.yaml"
     cfg_file.write_text((student / "config.yaml").read_text())
     assert main(["evaluate", str(cfg_file), f"model.checkpoint={student}", "name=evalcfg"]) == 0
-    again = json.loads((tmp_path / "evalcfg" / "eval_fashion_mnist_test.json").read_text())
+    # written into the evaluated run's folder, never into the config's own run folder (output_dir/name)
+    assert not (tmp_path / "evalcfg").exists()
+    again = json.loads((student / "eval_fashion_mnist_test.json").read_text())
     assert again["accuracy"] == pytest.approx(res["accuracy"]) and again["agreement"] == pytest.approx(res["agreement"])

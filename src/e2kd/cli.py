@@ -87,6 +87,9 @@ def _freeze(args) -> int:
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="a run folder (runs/NAME) or a config file with model.checkpoint set")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.eval_name=fashion_mnist")
+    parser.add_argument("-o", "--output", default=None,
+                        help="JSON file to write (default: eval_<dataset>_<split>.json in the evaluated run folder, or "
+                             "<stem>.eval_<dataset>_<split>.json beside a plain weights file)")
 
 
 @command("evaluate", arguments=_evaluate_arguments)
@@ -94,7 +97,7 @@ def _evaluate(args) -> int:
     """Evaluate a trained model: accuracy, top-5, agreement and explanation similarity."""
     from .train.evaluate_run import evaluate_target
 
-    out_path, results = evaluate_target(args.target, args.overrides)
+    out_path, results = evaluate_target(args.target, args.overrides, output=args.output)
     if out_path is not None:
         print(json.dumps(results, indent=2, sort_keys=True))
         print(f"wrote {out_path}", file=sys.stderr)

@@ -351,7 +351,13 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
-    o, d = cfg.optim, cfg.distill
+    from ..metrics.localisation import BINARISATION_RULES
+
+    o, d, e = cfg.optim, cfg.distill, cfg.eval
+    # the range of eval.iou_value depends on the rule (e2kd.metrics.binarise)
+    iou_range = {"fraction_of_max": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+                 "top_fraction": (lambda v: 0.0 < v <= 1.0, "in (0, 1]")}
+    in_range, range_text = iou_range.get(e.iou_rule, (lambda v: True, ""))
     checks = [
         (math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}"),
         (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
@@ -379,6 +385,16 @@ def _check_values(cfg: ExperimentConfig) -> None:
         (0 <= cfg.data.randaug_magnitude <= 30, f"data.randaug_magnitude must be in 0..30 (torchvision's bins), got {cfg.data.randaug_magnitude}"),
         (cfg.data.val_per_class >= 0, f"data.val_per_class must be >= 0, got {cfg.data.val_per_class}"),
         (cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit must be >= 1, got {cfg.data.limit}"),
+        (cfg.data.eval_limit is None or cfg.data.eval_limit >= 1,
+         f"data.eval_limit must be >= 1 (or null for the whole evaluation split), got {cfg.data.eval_limit}"),
+        (cfg.data.image_size is None or cfg.data.image_size >= 1,
+         f"data.image_size must be >= 1 pixel (or null for the dataset's own size), got {cfg.data.image_size}"),
+        (cfg.eval_batch_size is None or cfg.eval_batch_size >= 1,
+         f"eval_batch_size must be >= 1 (or null to evaluate in batches of optim.batch_size), got {cfg.eval_batch_size}"),
+        (e.iou_rule in BINARISATION_RULES,
+         f"eval.iou_rule must be one of {', '.join(BINARISATION_RULES)}, got {e.iou_rule!r}"),
+        (math.isfinite(e.iou_value) and in_range(e.iou_value),
+         f"eval.iou_value must be {range_text or 'a finite number'} for eval.iou_rule={e.iou_rule}, got {e.iou_value}"),
         (bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),
          f"name must be a plain folder name, got {cfg.name!r}"),
     ]

@@ -69,6 +69,11 @@ def teacher_weights_bytes(cfg: ExperimentConfig) -> Optional[int]:
     return path.stat().st_size if path.is_file() else None
 
 
+def _first_set(*values):
+    """The first value that is not None (0 is a value, refused by the checks, not a default)."""
+    return next(v for v in values if v is not None)
+
+
 def _teacher(cfg: ExperimentConfig, data: Dict[str, object]):
     if not teacher_weights_available(cfg):
         raise ValueError(
@@ -107,6 +112,11 @@ def freeze_run(
     map_size, map_dtype, topk, shard_size : see :func:`e2kd.frozen.freeze`
     progress : default ``cfg.progress``
     """
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(
+            f"freeze: the batch size must be >= 1, got {batch_size}; leave --batch-size out to use eval_batch_size "
+            "(or optim.batch_size)"
+        )
     path = store_path(cfg, split, out)
     info = init_distributed(cfg.device)
     try:
@@ -124,7 +134,7 @@ def freeze_run(
             t_exp,
             dataset,
             path,
-            batch_size=int(batch_size or cfg.eval_batch_size or cfg.optim.batch_size),
+            batch_size=int(_first_set(batch_size, cfg.eval_batch_size, cfg.optim.batch_size)),
             map_size=map_size,
             map_dtype=map_dtype,
             topk=topk,
@@ -176,7 +186,18 @@ def open_store(cfg: ExperimentConfig, split: str, dataset, *, teacher_explainer,
     the field (``teacher_id``, ``explainer``, ``dataset_id``, ``num_classes``, ``dataset_size``).
     """
     path = store_path(cfg, split)
-    store = FrozenStore(path)
+    key = "teacher.frozen" if split == "train" else "teacher.frozen_eval" if split == "eval" else f"the {split} store"
+    try:
+        store = FrozenStore(path)
+    except FileNotFoundError as err:
+        raise ValueError(f"{key}={str(path)!r}: {err}") from None
+    if teacher is None and cfg.teacher.checkpoint is not None and teacher_weights_bytes(cfg) is None:
+        ckpt = Path(cfg.teacher.checkpoint)
+        what = ("is a folder without model.safetensors (an unfinished run?)" if ckpt.is_dir() else "does not exist")
+        raise ValueError(
+            f"teacher.checkpoint={cfg.teacher.checkpoint!r} {what}; give the teacher's train-teacher run folder or weights "
+            "file, or teacher.checkpoint=null to distil from the frozen store alone"
+        )
     ident = dataset_identity(cfg, split, dataset)
     store.check({"explainer": explainer_identity(teacher_explainer), "dataset_size": ident["size"]})
     store.check({"dataset_id": ident["id"]})
@@ -189,10 +210,12 @@ def open_store(cfg: ExperimentConfig, split: str, dataset, *, teacher_explainer,
             f"images have shape {image_shape}; freeze again with this config's data settings"
         )
     teacher_id = None
+    too_large = False  # the teacher is not loaded because its weights are larger than CHEAP_FINGERPRINT_BYTES
     if teacher is None:
         size = teacher_weights_bytes(cfg)
         if verify_teacher is None:
-            verify_teacher = size is not None and size <= CHEAP_FINGERPRINT_BYTES
+            too_large = size is not None and size > CHEAP_FINGERPRINT_BYTES
+            verify_teacher = size is not None and not too_large
         if verify_teacher and teacher_weights_available(cfg):
             import torch
 
@@ -205,7 +228,7 @@ def open_store(cfg: ExperimentConfig, split: str, dataset, *, teacher_explainer,
         check = "fingerprint"
     else:
         check = "explainer+dataset"
-        if cfg.teacher.checkpoint is not None:
+        if too_large:
             print(
                 f"note: the teacher weights {cfg.teacher.checkpoint!r} are larger than "
                 f"{CHEAP_FINGERPRINT_BYTES // 2**20} MiB; the store is checked by explainer and dataset identity only",

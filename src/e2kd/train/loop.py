@@ -20,6 +20,7 @@ reports the student's accuracy and says that agreement is unavailable.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -206,13 +207,44 @@ def _dry_run_frozen(model: nn.Module, explainers, probe: Dict[str, torch.Tensor]
         model.zero_grad(set_to_none=True)
 
 
-def _frozen_evaluation(cfg: ExperimentConfig, frozen, data: Dict[str, Any], explainers, in_chans: int, device):
+def _open_eval_store(cfg: ExperimentConfig, frozen, eval_ds, explainers):
+    """The store of the evaluation split (``teacher.frozen_eval``) of a frozen run, opened and
+    checked against the run and the training store before any step, or None.
+
+    It is used by the final evaluation when the config names no teacher weights; with teacher
+    weights (which the evaluation prefers) the store must still exist, since the config names it.
+    """
+    if cfg.teacher.frozen_eval is None:
+        return None
+    from ..frozen import FrozenStore
+
+    if teacher_weights_available(cfg):
+        try:
+            FrozenStore(cfg.teacher.frozen_eval)
+        except FileNotFoundError as err:
+            raise ValueError(f"teacher.frozen_eval={cfg.teacher.frozen_eval!r}: {err}") from None
+        return None
+    from .frozen import open_store
+
+    opened = open_store(cfg, "eval", eval_ds, teacher_explainer=explainers[0], num_classes=frozen.store.num_classes,
+                        verify_teacher=False)
+    if opened.store.teacher_id != frozen.store.teacher_id:
+        raise ValueError(
+            f"teacher.frozen_eval={cfg.teacher.frozen_eval!r} holds the outputs of teacher {opened.store.teacher_id} but "
+            f"teacher.frozen={cfg.teacher.frozen!r} those of {frozen.store.teacher_id}; freeze both splits from the same "
+            "teacher (e2kd freeze, then e2kd freeze --split eval)"
+        )
+    return opened
+
+
+def _frozen_evaluation(cfg: ExperimentConfig, frozen, eval_store, data: Dict[str, Any], in_chans: int, device):
     """The teacher side of the final evaluation of a frozen run: (teacher, data, note).
 
     Teacher weights named by the config are loaded now (after training) and must match the
-    store's fingerprint; otherwise a store of the evaluation split (``teacher.frozen_eval``)
-    gives the teacher's logits and maps per evaluation image; otherwise there is no teacher
-    and ``note`` says why agreement is missing.
+    store's fingerprint; otherwise the store of the evaluation split (``teacher.frozen_eval``,
+    opened and checked before training by :func:`_open_eval_store`) gives the teacher's logits
+    and maps per evaluation image; otherwise there is no teacher and ``note`` says why
+    agreement is missing.
     """
     if teacher_weights_available(cfg):
         teacher = build_teacher(cfg, num_classes=frozen.store.num_classes, in_chans=in_chans)
@@ -220,20 +252,32 @@ def _frozen_evaluation(cfg: ExperimentConfig, frozen, data: Dict[str, Any], expl
 
         frozen.store.check({"teacher_id": teacher_fingerprint(teacher)})
         return teacher.to(device), data, None
-    if cfg.teacher.frozen_eval is not None:
+    if eval_store is not None:
         from ..frozen import FrozenDataset
-        from .frozen import open_store
 
-        opened = open_store(cfg, "eval", data["eval"], teacher_explainer=explainers[0], num_classes=frozen.store.num_classes,
-                            verify_teacher=False)
-        opened.store.check({"teacher_id": frozen.store.teacher_id})
-        data = dict(data, eval=FrozenDataset(data["eval"], opened.store, check_dataset=False))
+        data = dict(data, eval=FrozenDataset(data["eval"], eval_store.store, check_dataset=False))
         return None, data, None
     return None, data, (
         "agreement unavailable: the student was distilled from the frozen store without teacher weights; give "
         "teacher.checkpoint (loaded for evaluation only) or a store of the evaluation split (e2kd freeze --split eval, "
         "then teacher.frozen_eval=PATH)"
     )
+
+
+def resolve_multilabel(cfg: ExperimentConfig, dataset, role: str = "training") -> bool:
+    """Whether the run treats labels as multi-hot: ``distill.multilabel``, or the data's kind
+    when it is null. A setting that contradicts the data's labels is refused (class indices
+    cannot feed a per-class binary loss, nor multi-hot vectors a softmax one)."""
+    kind = bool(getattr(dataset, "multilabel", False))
+    asked = cfg.distill.multilabel
+    if asked is not None and bool(asked) != kind:
+        name = (cfg.data.eval_name or cfg.data.name) if role == "evaluation" else cfg.data.name
+        labels = "multi-hot labels (multi-label)" if kind else "one class index per image (single-label)"
+        raise ValueError(
+            f"distill.multilabel={str(bool(asked)).lower()} but the {role} data {name!r} has {labels}; set "
+            f"distill.multilabel=null (it follows the data) or distill.multilabel={str(kind).lower()}"
+        )
+    return kind
 
 
 def _resolve_resume(cfg: ExperimentConfig, ckpt_dir: Path) -> Optional[Path]:
@@ -311,7 +355,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     data = build_datasets(cfg)
     train_ds, eval_ds = data["train"], data["eval"]
     in_chans = int(train_ds.in_chans)
-    multilabel = bool(cfg.distill.multilabel if cfg.distill.multilabel is not None else getattr(train_ds, "multilabel", False))
+    multilabel = resolve_multilabel(cfg, train_ds)
+    resolve_multilabel(cfg, eval_ds, "evaluation")
     if (mode != "distill" or cfg.distill.gt_weight > 0) and not multilabel:
         labels = getattr(train_ds, "labels", None)
         if labels is not None and bool((labels < 0).any()):
@@ -324,7 +369,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     # ---- models ------------------------------------------------------------------------
     teacher = None
     explainers = None
-    frozen = None
+    frozen = eval_store = None
     stream_ds = train_ds
     if mode == "distill":
         explainers = build_explainers(cfg.distill)
@@ -336,6 +381,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             check_mirrored(cfg.data.augment)
             frozen = open_store(cfg, "train", train_ds, teacher_explainer=explainers[0], num_classes=cfg.teacher.num_classes)
             num_classes = frozen.store.num_classes
+            eval_store = _open_eval_store(cfg, frozen, eval_ds, explainers)
             stream_ds = FrozenDataset(train_ds, frozen.store, check_dataset=False)
         else:
             # The teacher's construction draws no random numbers from the run's stream, so the
@@ -465,7 +511,8 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             run_dir / "env.json",
             environment_record(
                 data={"sampling": sampling, "datasets": hashes},
-                extra={"world_size": info.world_size, "mode": mode, "malloc_top_pad_mib": heap_pad, "channels_last": channels_last, "resumed_from": str(resume_from) if resume_from else None,
+                # cwd: where the config's relative paths point from (e2kd evaluate reads it)
+                extra={"cwd": os.getcwd(), "world_size": info.world_size, "mode": mode, "malloc_top_pad_mib": heap_pad, "channels_last": channels_last, "resumed_from": str(resume_from) if resume_from else None,
                    "frozen_store": frozen.record() if frozen is not None else None},
             ),
         )
@@ -635,7 +682,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     # ---- evaluation --------------------------------------------------------------------
     note = None
     if frozen is not None:
-        teacher, data, note = _frozen_evaluation(cfg, frozen, data, explainers, in_chans, device)
+        teacher, data, note = _frozen_evaluation(cfg, frozen, eval_store, data, in_chans, device)
     results = evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_dtype)
     if frozen is not None:
         results["frozen_store"] = frozen.record()
@@ -657,7 +704,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
 
 def evaluate_model(cfg, model, teacher, explainers, data, info, multilabel, amp_dtype) -> Dict[str, Any]:
     """Metrics on the evaluation split (and ``val`` under ``results["val"]``)."""
-    bs = cfg.eval_batch_size or cfg.optim.batch_size
+    bs = cfg.eval_batch_size if cfg.eval_batch_size is not None else cfg.optim.batch_size
     results: Dict[str, Any] = {}
     channels_last = use_channels_last(cfg, model, info.device)
     if channels_last:  # as in training (a no-op there); values are the same up to rounding
