@@ -17,10 +17,12 @@ from e2kd.frozen import (
     StoreMismatchError,
     compress_logits,
     dataset_fingerprint,
+    explainer_identity,
     freeze,
     reconstruct_logits,
     teacher_fingerprint,
 )
+from e2kd.explain import GradCAM
 from frozen_testlib import PixelNet, TinyImages, tiny_resnet
 
 torch.set_num_threads(1)
@@ -58,6 +60,9 @@ def test_manifest_records_identities_and_checksums(built):
     assert m["format_version"] == e2kd.frozen.FORMAT_VERSION
     assert m["teacher_id"] == teacher_fingerprint(teacher)
     assert m["explainer"] == {"name": "gradcam", "settings": {"layer": None, "relu": True, "upsample": True}}
+    # a chosen own_output is part of the identity; the default is not (stores made before it existed still match)
+    assert explainer_identity(GradCAM(own_output=True))["settings"]["own_output"] is True
+    assert "own_output" not in explainer_identity(GradCAM())["settings"]
     assert m["dataset"]["name"] == "tiny" and m["dataset"]["split"] == "train" and m["dataset"]["size"] == 10
     assert [s["count"] for s in m["shards"]] == [4, 4, 2]
     import hashlib

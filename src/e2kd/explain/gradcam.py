@@ -100,6 +100,9 @@ class GradCAM(Explainer):
     """
 
     name = "gradcam"
+    # set on the instance only when chosen: the default stays out of vars(), so the identity of
+    # a default GradCAM (frozen-store manifests) is what it was before the setting existed
+    own_output: Optional[bool] = None
 
     def __init__(
         self,
@@ -114,7 +117,8 @@ class GradCAM(Explainer):
         self.layer = layer
         self.upsample = upsample
         self.relu = relu
-        self.own_output = own_output
+        if own_output is not None:
+            self.own_output = own_output
 
     def explain(self, model, x, target, *, create_graph):
         inner = unwrap(model)
