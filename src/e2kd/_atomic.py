@@ -10,17 +10,35 @@ from typing import List, Optional
 __all__ = ["atomic_write_bytes", "remove_stale_temp_files"]
 
 
+def _current_umask() -> int:
+    """The process umask. On Linux read from ``/proc/self/status`` (no change to process state);
+    elsewhere set and restore it at once, the only portable way to read it."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a hidden temporary file beside ``path``, fsync it, then ``os.replace``.
 
     A kill mid-write leaves only ``.<name>.*.tmp``, which no reader takes for the real file and
-    :func:`remove_stale_temp_files` deletes.
+    :func:`remove_stale_temp_files` deletes. The file gets the mode a plain ``open()`` would give
+    it (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), 0o666 & ~_current_umask())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
