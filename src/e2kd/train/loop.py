@@ -38,7 +38,7 @@ from ..distiller import Distiller
 from .augment import augment_batch
 from .batches import TrainStream, build_datasets, eval_batches, place_on_device
 from .build import build_explainers, build_model, build_teacher, load_model_file, model_record, save_model, teacher_weights_available
-from .checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from .checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from .config import Amp, ExperimentConfig, config_from_dict, save_config, to_dict
 from .distributed import DistInfo, all_reduce_sum, broadcast_flag, init_distributed, shutdown
 from .evaluate import evaluate
@@ -250,6 +250,7 @@ def _resolve_resume(cfg: ExperimentConfig, ckpt_dir: Path) -> Optional[Path]:
     path = Path(cfg.resume)
     if not path.is_file():
         raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file; use resume=auto or resume=none")
+    check_checkpoint(path)
     return path
 
 
