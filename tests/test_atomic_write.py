@@ -51,3 +51,17 @@ def test_umask_read_without_proc(monkeypatch, umask):
     assert _atomic._current_umask() == 0o027
     # reading it left the umask as it was
     assert os.umask(0o027) == 0o027
+
+
+def test_check_writable_folder_leaves_nothing_behind(tmp_path):
+    from e2kd._atomic import check_writable_folder
+
+    check_writable_folder(tmp_path / "a" / "b", "output_dir", "fix it")
+    assert list(tmp_path.iterdir()) == []  # neither the missing folders nor the probe file
+    (tmp_path / "f").write_text("data")
+    with pytest.raises(ValueError) as info:
+        check_writable_folder(tmp_path / "f", "output_dir", "set output_dir to a folder")
+    assert str(info.value) == f"output_dir {str(tmp_path / 'f')!r} is a file, not a folder; set output_dir to a folder"
+    with pytest.raises(ValueError, match=r"in its path is a file, not a folder; fix it$"):
+        check_writable_folder(tmp_path / "f" / "g", "output_dir", "fix it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

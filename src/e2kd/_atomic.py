@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["atomic_write_bytes", "remove_stale_temp_files"]
+__all__ = ["atomic_write_bytes", "remove_stale_temp_files", "check_writable_folder"]
 
 
 def _current_umask() -> int:
@@ -58,3 +58,29 @@ def remove_stale_temp_files(folder: str | os.PathLike, name: Optional[str] = Non
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
+
+
+def check_writable_folder(path: str | os.PathLike, what: str, fix: str) -> None:
+    """Raise a ValueError unless files can be written in folder ``path`` (made if missing).
+
+    For output folders, before any work starts: the nearest existing part of ``path`` must be a
+    folder in which a file can be created. Nothing is left behind: the probe file is removed at
+    once (and, were the process killed in between, it is a ``.*.tmp`` file that
+    :func:`remove_stale_temp_files` deletes). ``what`` names the folder in the message (e.g.
+    "output_dir"), ``fix`` says what to do.
+    """
+    path = Path(path)
+    here = path.absolute()
+    while not here.exists() and here.parent != here:
+        here = here.parent
+    if not here.is_dir():
+        if here == path.absolute():
+            raise ValueError(f"{what} {str(path)!r} is a file, not a folder; {fix}")
+        raise ValueError(f"{what} {str(path)!r} cannot be made: {str(here)!r} in its path is a file, not a folder; {fix}")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=here, prefix=".e2kd-write-check.", suffix=".tmp")
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"{what} {str(path)!r} is not writable: cannot create files in {str(here)!r} ({reason}); {fix}") from None
+    os.close(fd)
+    os.unlink(tmp)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._atomic import check_writable_folder
 from .._conv import onednn_1x1_bug
 from ..distiller import Distiller
 from .augment import augment_batch
@@ -287,6 +288,10 @@ def run(cfg: ExperimentConfig, *, mode: str, callbacks: Sequence[object] = ()) -
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _check_compile(cfg, mode)
+    check_writable_folder(
+        Path(cfg.output_dir) / cfg.name, f"output_dir={cfg.output_dir!r}: the run folder",
+        "set output_dir to a folder you can write to (or name= to another run name)",
+    )
     info = init_distributed(cfg.device)
     try:
         return _run(cfg, mode, info, callbacks)
