@@ -36,6 +36,7 @@ from torch import nn
 from .._atomic import check_writable_folder
 from .._conv import onednn_1x1_bug
 from ..distiller import Distiller
+from ..models.timm_models import check_image_size
 from .augment import augment_batch
 from .batches import TrainStream, build_datasets, eval_batches, place_on_device
 from .build import build_explainers, build_model, build_teacher, load_model_file, model_record, save_model, teacher_weights_available
@@ -172,6 +173,9 @@ def _call(callbacks: Sequence[object], name: str, ctx: RunContext) -> None:
 def _dry_run(model: nn.Module, teacher: Optional[nn.Module], explainers, x: torch.Tensor, multilabel: bool) -> None:
     """Explain two images with every model before training: bad layers, class-count or channel
     mismatches fail here, with the explainer's own message."""
+    check_image_size(model, x.shape[-2:], kwargs_key="model.kwargs")
+    if teacher is not None:
+        check_image_size(teacher, x.shape[-2:], kwargs_key="teacher.kwargs")
     was = model.training
     model.eval()
     try:
@@ -196,6 +200,7 @@ def _dry_run(model: nn.Module, teacher: Optional[nn.Module], explainers, x: torc
 def _dry_run_frozen(model: nn.Module, explainers, probe: Dict[str, torch.Tensor], device: torch.device, d, multilabel: bool) -> None:
     """One frozen-distillation forward on two stored samples: class counts, map channels and
     the student explainer fail here, before training, with their own messages."""
+    check_image_size(model, probe["image"].shape[-2:], kwargs_key="model.kwargs")
     was = model.training
     model.eval()
     try:
