@@ -165,3 +165,119 @@ def test_evaluate_a_run_from_another_directory_finds_its_relative_paths(tmp_path
     assert not (moved / "eval_synthetic_test.json").exists()
     assert main(["evaluate", str(moved), f"teacher.checkpoint={start / 'runs' / 'teacher'}"]) == 0
     assert _json(moved / "eval_synthetic_test.json")["agreement"] == trained["agreement"]
+
+
+# ---- output paths that cannot be written fail before any work, in one line --------------------
+
+
+def _synthetic_config(tmp_path, **extra) -> Path:
+    import yaml
+
+    from _train_helpers import base_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(tmp_path / "runs", "x", **extra)))
+    return cfg
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Building a dataset fails the test: the errors below must come first."""
+    import e2kd.train.batches
+    import e2kd.train.evaluate_run
+    import e2kd.train.frozen
+    import e2kd.train.loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("data were built before the output path was checked")
+
+    for module in (e2kd.train.loop, e2kd.train.frozen, e2kd.train.evaluate_run, e2kd.train.batches):
+        monkeypatch.setattr(module, "build_datasets", refuse)
+
+
+def test_a_file_as_output_dir_is_refused_before_training(tmp_path, capsys, no_data):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    cfg = _synthetic_config(tmp_path)
+    assert main(["train-teacher", str(cfg), f"output_dir={blocker}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"e2kd train-teacher: error: output_dir={str(blocker)!r}: the run folder {str(blocker / 'x')!r} cannot be made: "
+        f"{str(blocker)!r} in its path is a file, not a folder; set output_dir to a folder you can write to "
+        "(or name= to another run name)\n"
+    )
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_an_unwritable_output_dir_names_output_dir(tmp_path, capsys, no_data):
+    cfg = _synthetic_config(tmp_path)
+    assert main(["distill", str(cfg), "output_dir=/proc/e2kd-no-such"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("e2kd distill: error: output_dir='/proc/e2kd-no-such': the run folder '/proc/e2kd-no-such/x' "
+                          "is not writable: cannot create files in '/proc'")
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_freeze_out_that_is_a_file_is_refused_before_freezing(tmp_path, capsys, no_data):
+    blocker = tmp_path / "README.md"
+    blocker.write_text("x")
+    cfg = _synthetic_config(tmp_path)
+    assert main(["freeze", str(cfg), "--out", str(blocker)]) == 2
+    assert capsys.readouterr().err == (
+        f"e2kd freeze: error: the store folder (--out) {str(blocker)!r} is a file, not a folder; "
+        "pass --out with a folder you can write to\n"
+    )
+
+
+def test_report_into_a_file_path_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "README.md"
+    blocker.write_text("x")
+    out = blocker / "x.html"
+    assert main(["report", str(tmp_path / "runs" / "none"), "-o", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"e2kd report: error: -o {str(out)!r}: the report's folder {str(blocker)!r} is a file, not a folder; "
+        "give an HTML file in a folder you can write to (-o PATH)\n"
+    )
+
+
+def test_evaluate_checks_its_target_and_output_folder_first(tmp_path, capsys, no_data):
+    assert main(["evaluate", str(tmp_path / "runs" / "nonexist")]) == 2
+    assert capsys.readouterr().err == (
+        f"e2kd evaluate: error: {str(tmp_path / 'runs' / 'nonexist')!r} is neither a run folder nor a config file "
+        "(it does not exist); give a finished run folder (runs/NAME) or a config file with model.checkpoint set\n"
+    )
+    blocker = tmp_path / "out.txt"
+    blocker.write_text("x")
+    # results go beside the evaluated weights: a weights path inside a file is refused before any data
+    cfg = _synthetic_config(tmp_path, **{"model.checkpoint": str(blocker / "w.safetensors")})
+    assert main(["evaluate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"e2kd evaluate: error: the folder of model.checkpoint {str(blocker)!r} is a file, not a folder; "
+                          "evaluate writes eval_*.json there"), err
+    cfg = _synthetic_config(tmp_path, **{"model.checkpoint": str(tmp_path / "w.safetensors")})
+    assert main(["evaluate", str(cfg), "-o", str(blocker / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"e2kd evaluate: error: the folder of --output {str(blocker / 'r.json')!r}: {str(blocker)!r} is a "
+                          "file, not a folder"), err
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(13, "Permission denied", "/srv/out/results.json"),
+    NotADirectoryError(20, "Not a directory", "/srv/out/results.json"),
+    FileExistsError(17, "File exists", "/srv/out/results.json"),
+])
+def test_an_os_error_from_a_command_is_one_line_naming_the_path(monkeypatch, capsys, error):
+    from e2kd import cli
+
+    def fails(args):
+        raise error
+
+    fn, arguments = cli._COMMANDS["report"]
+    monkeypatch.setitem(cli._COMMANDS, "report", (fails, arguments))
+    assert main(["report", "runs/a"]) == 2
+    assert capsys.readouterr().err == (
+        f"e2kd report: error: cannot use '/srv/out/results.json': {error.strerror}; check that the path is right "
+        "and that its folder exists and can be written (or read)\n"
+    )

@@ -310,3 +310,20 @@ def test_gradcam_logit_weights_match_a_hand_computed_margin_cam():
 def test_bad_logit_weights(target, match):
     with pytest.raises(ValueError, match=match):
         Gradient()(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), torch.rand(2, 1, 2, 2), target)
+
+
+def test_an_unknown_explainer_lists_every_explainer_and_the_closest_name():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # a fresh interpreter, where the B-cos package (which registers "bcos") is not imported yet
+    src = Path(__file__).resolve().parent.parent / "src"
+    code = "from e2kd.explain import create\ntry:\n    create('gradcm')\nexcept ValueError as e:\n    print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(src)})
+    assert out.stdout.strip() == (
+        "unknown explainer 'gradcm'; did you mean 'gradcam'? available: bcos, gradcam, gradient, inputxgradient"
+    )
+    with pytest.raises(ValueError, match=r"^unknown explainer 'zzz'; available: bcos, gradcam, gradient, inputxgradient$"):
+        create("zzz")

@@ -54,6 +54,8 @@ def test_resume_after_interrupt_gives_byte_identical_store(reference, tmp_path):
         FrozenStore(tmp_path)
     report = freeze(teacher, "gradcam", ds, tmp_path, **KW)
     assert report.shards_skipped == [0, 1] and report.shards_written == [2, 3] and report.images == 5
+    assert report.ranks == 1 and report.all_images == 5 and report.all_shards_written == [2, 3]
+    assert report.summary().startswith("froze 5 images in ") and "; 2 shards written, 2 already complete; " in report.summary()
     assert _files(tmp_path) == _files(ref)
 
 
@@ -138,6 +140,11 @@ def _ddp_worker(rank, world_size, path, init_file):
     try:
         report = freeze(tiny_resnet(), "gradcam", TinyImages(n=11, size=16), path, **KW)
         assert report.complete and report.shards_written == list(range(rank, 4, world_size))
+        # the report (rank 0 prints its summary) counts every rank's work, not this rank's
+        assert report.ranks == 2 and report.all_images == 11 and report.all_shards_written == [0, 1, 2, 3]
+        assert report.summary().startswith("froze 11 images on 2 ranks in ")
+        assert "; 4 shards written, 0 already complete; store " in report.summary()
+        assert report.summary().endswith(": 11 images, " + f"{report.bytes_per_image:.0f} bytes/image")
     finally:
         dist.destroy_process_group()
 

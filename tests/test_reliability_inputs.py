@@ -127,3 +127,15 @@ def test_cli_reports_bad_input_as_one_error_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("e2kd train-teacher: error: ") and "Traceback" not in err, err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", ""])
+def test_a_device_name_torch_does_not_know_is_a_clear_error(device):
+    from e2kd.train.distributed import init_distributed
+
+    with pytest.raises(ValueError) as info:
+        init_distributed(device)
+    assert str(info.value) == (
+        f"device={device!r} is not a device name; use device=auto (a GPU if there is one), cpu, cuda or cuda:N "
+        "(N: the GPU's index)"
+    )

@@ -164,3 +164,77 @@ def test_torch_at_least_2_10_is_required_and_installed():
     assert torch_req == ["torch>=2.10"], torch_req
     major, minor = (int(v) for v in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
     assert (major, minor) >= (2, 10), torch.__version__
+
+
+# ---- corrupt (not malicious) files get an error that says so ---------------------------------
+
+
+def _corrupt_files(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"conv1.weight": torch.zeros(3)}, good)
+    data = good.read_bytes()
+    files = {"text": b"# a README, not weights\n", "truncated_zip": data[: len(data) // 2], "empty": b""}
+    out = {}
+    for name, content in files.items():
+        out[name] = tmp_path / f"{name}.pt"
+        out[name].write_bytes(content)
+    return out
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("text", "its contents are not a pickle stream"),
+    ("truncated_zip", "failed finding central directory"),
+    ("empty", "the file ends early: empty or truncated"),
+])
+def test_a_corrupt_weights_file_is_called_unreadable_not_unsafe(tmp_path, kind, reason):
+    from e2kd.models.weights import read_state_dict
+
+    path = _corrupt_files(tmp_path)[kind]
+    with pytest.raises(ValueError) as info:
+        read_state_dict(path)
+    msg = str(info.value)
+    assert msg.startswith(f"weights file {str(path)!r} is not a readable checkpoint (corrupt, truncated")
+    assert reason in msg
+    assert "weights_only" not in msg and "safely" not in msg
+
+
+@pytest.mark.parametrize("style", ["pickle", "torch_save"])
+def test_a_refused_pickle_names_what_it_imports(tmp_path, style):
+    from e2kd.models.weights import read_state_dict
+
+    marker = tmp_path / "MARKER"
+    evil = _plant(tmp_path / "w.pt", marker, style)
+    with pytest.raises(ValueError, match=r"could not be read safely \(torch.load\(weights_only=True\) refused it: "
+                                         r"the file imports (posix|nt)\.system, .*convert it to safetensors"):
+        read_state_dict(evil)
+    _never_ran(marker)
+
+
+@pytest.mark.parametrize("damage", ["text", "truncated"])
+def test_a_corrupt_model_file_read_through_its_record_is_a_clear_error(tmp_path, damage):
+    from e2kd.train.build import build_model, load_model_file, save_model
+
+    run_dir = tmp_path / "teacher"
+    save_model(run_dir / "model.safetensors", build_model("resnet8_small", {"width": 4}, num_classes=4, in_chans=3))
+    path = run_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(b"# README\n" if damage == "text" else data[: len(data) - 100])
+    with pytest.raises(ValueError, match=re.escape(f"{str(path)!r} is not a readable safetensors file (corrupt or truncated")):
+        load_model_file(run_dir)
+    # the same file as a distillation teacher (teacher.name unset): refused before the run folder exists
+    cfg = config_from_dict(base_config(tmp_path / "runs", "x", **{"teacher.checkpoint": str(run_dir)}))
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        run(cfg, mode="distill")
+    assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_an_unreadable_explicit_resume_checkpoint_says_to_pass_another(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    cfg = config_from_dict(base_config(tmp_path / "runs", "x", resume=str(bad)))
+    with pytest.raises(ValueError) as info:
+        run(cfg, mode="teacher")
+    msg = str(info.value)
+    assert msg.startswith(f"resume={str(bad)!r}: the named checkpoint is not a readable safetensors file")
+    assert msg.endswith("pass another checkpoint file, or resume=auto to continue from the run folder's newest one")
+    assert "delete it" not in msg

@@ -130,3 +130,13 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"config file {str(path)!r} is not UTF-8 text (byte 9 cannot be decoded); is it the right file? Save it as UTF-8"
+    )

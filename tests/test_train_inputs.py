@@ -238,3 +238,26 @@ def test_distiller_refuses_a_compiled_student_on_explaining_steps_only():
     with pytest.raises(ValueError, match="the model is compiled.*Explain the uncompiled model"):
         GuidanceLoss(kind="energy")(compiled, x, torch.tensor([0, 1]), torch.ones(2, 1, 8, 8))
     torch._dynamo.reset()
+
+
+def test_a_vit_built_for_another_image_size_is_refused_before_training(tmp_path):
+    pytest.importorskip("timm")
+    from _train_helpers import base_config
+    from e2kd.models import create_model
+    from e2kd.models.timm_models import check_image_size
+    from e2kd.train import config_from_dict, run
+
+    small = {"depth": 1, "embed_dim": 24, "num_heads": 2}
+    cfg = config_from_dict(base_config(tmp_path, "vit", **{"model.name": "timm/vit_tiny_patch16_224", "model.kwargs": small}))
+    with pytest.raises(ValueError) as info:
+        run(cfg, mode="teacher")
+    assert str(info.value) == (
+        "model 'timm/vit_tiny_patch16_224' takes 224×224 images (its img_size) but the data's images are 16×16; "
+        "set model.kwargs.img_size=16, or data.image_size=224"
+    )
+    assert not (tmp_path / "vit").exists()
+    fitted = create_model("timm/vit_tiny_patch16_224", num_classes=4, in_chans=3, img_size=28, **small)
+    check_image_size(fitted, (28, 28), kwargs_key="model.kwargs")  # fits: nothing raised
+    with pytest.raises(ValueError, match=r"set teacher\.kwargs\.img_size=20 and a patch_size that divides it "
+                                         r"\(teacher\.kwargs\.patch_size; now 16\), or data\.image_size=28$"):
+        check_image_size(fitted, (20, 20), kwargs_key="teacher.kwargs")

@@ -72,11 +72,16 @@ def _freeze_arguments(parser: argparse.ArgumentParser) -> None:
 @command("freeze", arguments=_freeze_arguments)
 def _freeze(args) -> int:
     """Run the teacher once over the un-augmented data and store its logits and explanations."""
+    from ._atomic import check_writable_folder
     from .train import load_config
-    from .train.frozen import freeze_run
+    from .train.frozen import freeze_run, store_path
 
+    cfg = load_config(args.config, args.overrides)
+    key = "--out" if args.out is not None else "teacher.frozen" if args.split == "train" else "teacher.frozen_eval"
+    check_writable_folder(store_path(cfg, args.split, args.out), f"the store folder ({key})",
+                          "pass --out with a folder you can write to")
     report = freeze_run(
-        load_config(args.config, args.overrides), split=args.split, out=args.out, batch_size=args.batch_size,
+        cfg, split=args.split, out=args.out, batch_size=args.batch_size,
         map_size=args.map_size, map_dtype=args.map_dtype, topk=args.topk, shard_size=args.shard_size,
     )
     if int(os.environ.get("RANK", "0")) == 0:
@@ -95,8 +100,28 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 @command("evaluate", arguments=_evaluate_arguments)
 def _evaluate(args) -> int:
     """Evaluate a trained model: accuracy, top-5, agreement and explanation similarity."""
-    from .train.evaluate_run import evaluate_target
+    from ._atomic import check_writable_folder
+    from .train import load_config
+    from .train.evaluate_run import evaluate_target, result_place
 
+    target = Path(args.target)
+    if not target.exists():
+        raise FileNotFoundError(
+            f"{args.target!r} is neither a run folder nor a config file (it does not exist); give a finished run "
+            "folder (runs/NAME) or a config file with model.checkpoint set"
+        )
+    out_dir = None
+    if args.output is not None:
+        out_dir, what = Path(args.output).absolute().parent, f"the folder of --output {args.output!r}:"
+    elif target.is_dir():  # results go into the run folder
+        out_dir, what = target, "the run folder"
+    else:  # into the run folder that model.checkpoint names, or beside a weights file
+        cfg = load_config(target, args.overrides)
+        if cfg.model.checkpoint is not None:
+            out_dir, what = result_place(Path(cfg.model.checkpoint))[0], "the folder of model.checkpoint"
+    if out_dir is not None:
+        check_writable_folder(out_dir, what, "evaluate writes eval_*.json there: make it writable, or name the file "
+                              "to write with --output")
     out_path, results = evaluate_target(args.target, args.overrides, output=args.output)
     if out_path is not None:
         print(json.dumps(results, indent=2, sort_keys=True))
@@ -224,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_text(err: BaseException) -> Optional[str]:
+    """One line for an operating-system error on a path (``[Errno 13] ...`` becomes
+    "cannot use PATH: Permission denied ..."), or None for other errors."""
+    if not isinstance(err, OSError) or err.errno is None or not err.filename:
+        return None
+    paths = f"{str(err.filename)!r}" + (f" or {str(err.filename2)!r}" if err.filename2 else "")
+    return (f"cannot use {paths}: {err.strerror or type(err).__name__}; check that the path is right and that "
+            "its folder exists and can be written (or read)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -239,10 +274,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fn, _ = _COMMANDS[args.command]
     try:
         return int(fn(args) or 0)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:  # OSError: a path found unusable only when used
         if os.environ.get("E2KD_DEBUG"):
             raise
-        print(f"e2kd {args.command}: error: {err}", file=sys.stderr)
+        print(f"e2kd {args.command}: error: {_os_error_text(err) or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"e2kd {args.command}: interrupted", file=sys.stderr)

@@ -208,13 +208,17 @@ def create(name: str | Explainer, **kwargs) -> Explainer:
         return name
     key = str(name).lower()
     if key not in _REGISTRY:
-        # B-cos explainers register when their package is imported.
-        if key.startswith("bcos"):
-            import importlib
+        # B-cos explainers register when their package is imported: import it before looking
+        # again, or listing what is available.
+        import importlib
 
-            importlib.import_module("e2kd.bcos")
+        importlib.import_module("e2kd.bcos")
         if key not in _REGISTRY:
-            raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
+            import difflib
+
+            close = difflib.get_close_matches(key, available(), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown explainer {name!r}; {hint}available: {', '.join(available())}")
     return _REGISTRY[key](**kwargs)
 
 

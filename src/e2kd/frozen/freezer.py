@@ -49,8 +49,10 @@ def shard_name(shard: int) -> str:
 class FreezeReport:
     """What one call of :func:`freeze` did.
 
-    ``images`` and ``seconds`` count the images this call (this rank) ran through the teacher;
-    ``store_bytes`` is the size of all shards once the store is complete.
+    ``images``, ``seconds`` and the shard lists are this call's (this rank's); ``ranks`` and the
+    ``all_*`` fields are the same over every rank of a ``torch.distributed`` group (the slowest
+    rank's seconds), and equal the rank's own in a single process. ``store_bytes`` is the size
+    of all shards once the store is complete.
     """
 
     path: Path
@@ -61,6 +63,21 @@ class FreezeReport:
     complete: bool = False
     store_size: int = 0
     store_bytes: int = 0
+    ranks: int = 1
+    all_images: Optional[int] = None
+    all_seconds: Optional[float] = None
+    all_shards_written: Optional[list] = None
+    all_shards_skipped: Optional[list] = None
+
+    def __post_init__(self):
+        if self.all_images is None:
+            self.all_images = self.images
+        if self.all_seconds is None:
+            self.all_seconds = self.seconds
+        if self.all_shards_written is None:
+            self.all_shards_written = list(self.shards_written)
+        if self.all_shards_skipped is None:
+            self.all_shards_skipped = list(self.shards_skipped)
 
     @property
     def images_per_s(self) -> float:
@@ -71,9 +88,11 @@ class FreezeReport:
         return self.store_bytes / self.store_size if self.store_size else float("nan")
 
     def summary(self) -> str:
+        rate = self.all_images / self.all_seconds if self.all_seconds > 0 else float("nan")
+        on = f" on {self.ranks} ranks" if self.ranks > 1 else ""
         text = (
-            f"froze {self.images} images in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s); "
-            f"{len(self.shards_written)} shards written, {len(self.shards_skipped)} already complete"
+            f"froze {self.all_images} images{on} in {self.all_seconds:.1f} s ({rate:.1f} images/s); "
+            f"{len(self.all_shards_written)} shards written, {len(self.all_shards_skipped)} already complete"
         )
         if self.complete:
             text += f"; store {self.path}: {self.store_size} images, {self.bytes_per_image:.0f} bytes/image"
@@ -338,16 +357,27 @@ def freeze(
         teacher.train(was_training)
     seconds = time.perf_counter() - t0
 
+    totals = {}
     if distributed:
         import torch.distributed as dist
 
         dist.barrier()
+        # every rank's counts, so that the report (printed by rank 0) speaks of the whole store
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (images_done, seconds, list(written), list(skipped)))
+        totals = {
+            "ranks": world_size,
+            "all_images": sum(g[0] for g in gathered),
+            "all_seconds": max(g[1] for g in gathered),
+            "all_shards_written": sorted(s for g in gathered for s in g[2]),
+            "all_shards_skipped": sorted(s for g in gathered for s in g[3]),
+        }
     manifest = None
     if not distributed or rank == 0:
         manifest = _finalize(out_dir, key, num_shards, require=False)
     if distributed:
         dist.barrier()
-    report = FreezeReport(out_dir, images_done, seconds, written, skipped)
+    report = FreezeReport(out_dir, images_done, seconds, written, skipped, **totals)
     if manifest is None and distributed:
         manifest = read_json(out_dir / MANIFEST_NAME, "manifest") if (out_dir / MANIFEST_NAME).exists() else None
     if manifest is not None:

@@ -22,12 +22,13 @@ split of every model's forward.
 from __future__ import annotations
 
 import difflib
+from typing import Tuple
 
 from torch import nn
 
 from .inputs import InputNorm, InputNormalisation, adapted_class, fit_channels, resolve_input_norm
 
-__all__ = ["TIMM_PREFIX", "create_timm_model", "is_timm_model", "list_timm_models"]
+__all__ = ["TIMM_PREFIX", "create_timm_model", "is_timm_model", "list_timm_models", "check_image_size"]
 
 TIMM_PREFIX = "timm/"
 
@@ -103,3 +104,25 @@ def create_timm_model(name: str, *, num_classes: int, in_chans: int, input_norm:
     model.feature_map = nn.Identity()
     model.__class__ = adapted_class(_TimmForward, type(model))
     return model
+
+
+def check_image_size(model: nn.Module, image_hw: Tuple[int, int], *, kwargs_key: str) -> None:
+    """Raise a ValueError when ``model`` holds a patch embedding built for one image size only
+    (timm's ``PatchEmbed`` with ``strict_img_size``, as in ViTs) and the data's images have
+    another; ``kwargs_key`` names the config section of the model's arguments (``model.kwargs``)."""
+    h, w = int(image_hw[0]), int(image_hw[1])
+    for module in model.modules():
+        size = getattr(module, "img_size", None)
+        if type(module).__name__ != "PatchEmbed" or size is None or not getattr(module, "strict_img_size", False):
+            continue
+        mh, mw = (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        if (mh, mw) != (h, w):
+            patch = getattr(module, "patch_size", None)
+            patch_hint = ""
+            if isinstance(patch, (tuple, list)) and (h % int(patch[0]) or w % int(patch[1])):
+                patch_hint = f" and a patch_size that divides it ({kwargs_key}.patch_size; now {int(patch[0])})"
+            raise ValueError(
+                f"model {getattr(model, 'model_name', type(model).__name__)!r} takes {mh}×{mw} images (its img_size) but the "
+                f"data's images are {h}×{w}; set {kwargs_key}.img_size={h if h == w else [h, w]}{patch_hint}, "
+                f"or data.image_size={mh if mh == mw else [mh, mw]}"
+            )

@@ -45,9 +45,15 @@ def read_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # the weights-only unpickler refuses code and unknown globals
+        imports = _pickle_imports(path, err)
+        if imports is None:
+            raise ValueError(
+                f"weights file {str(path)!r} is not a readable checkpoint (corrupt, truncated, or not a torch.save / "
+                f"safetensors file: {_unreadable_reason(err)}); check the path, or copy or export the weights file again"
+            ) from None
         raise ValueError(
-            f"weights file {str(path)!r} could not be read safely (torch.load(weights_only=True) refused it: "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}); convert it to safetensors from a trusted source"
+            f"weights file {str(path)!r} could not be read safely (torch.load(weights_only=True) refused it: the file "
+            f"imports {imports}, which a weights-only load does not run); convert it to safetensors from a trusted source"
         ) from None
     for _ in range(3):
         if isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
@@ -58,6 +64,63 @@ def read_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj:
         raise ValueError(f"weights file {str(path)!r} holds no state dict (found {type(obj).__name__})")
     return {k: v for k, v in obj.items() if torch.is_tensor(v)}
+
+
+def _unreadable_reason(err: BaseException) -> str:
+    """A short reason for a file torch could not read at all (torch's own text for such files
+    can carry advice meant for refused pickles)."""
+    import pickle
+
+    if isinstance(err, EOFError):
+        return "the file ends early: empty or truncated"
+    if isinstance(err, pickle.UnpicklingError):
+        return "its contents are not a pickle stream"
+    text = str(err).strip()
+    return text.split(". ")[0].splitlines()[0] if text else type(err).__name__
+
+
+def _pickle_imports(path: Path, err: BaseException) -> Optional[str]:
+    """Why ``torch.load(weights_only=True)`` failed: the Python names the pickle imports (a file
+    it refused as unsafe), or None for a file that is not a well-formed pickle or torch archive
+    at all (corrupt, truncated, another format). Only inspects opcodes; nothing is unpickled."""
+    import io
+    import pickle
+    import pickletools
+    import zipfile
+
+    found = re.findall(r"GLOBAL ([\w.]+)", str(err))
+    if found:
+        return ", ".join(dict.fromkeys(found))
+    if not isinstance(err, pickle.UnpicklingError):  # a broken archive, an empty file, a failed read
+        return None
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                if name is None:
+                    return None
+                stream = io.BytesIO(zf.read(name))
+        else:
+            stream = io.BytesIO(path.read_bytes())
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name in ("STACK_GLOBAL",):
+                names.append(".".join(strings[-2:]) if len(strings) >= 2 else "a global")
+            elif op.name == "OBJ":
+                names.append("an object")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # not a pickle stream (or a broken archive): nothing was refused, it is unreadable
+        return None
+    try:  # names torch's weights-only loader accepts are not why it refused the file
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except (ImportError, AttributeError):
+        allowed = set()
+    return ", ".join(dict.fromkeys(n for n in names if n not in allowed)) or None
 
 
 def _strip_prefixes(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from .._atomic import check_writable_folder
 from ..train.runfolder import atomic_write_text, read_metrics
 from .figures import training_curves_figure
 from .tables import format_cell, mean_std
@@ -353,10 +354,11 @@ def write_html_report(run_dirs: Sequence[str | os.PathLike], out_path: str | os.
         run_dirs = [run_dirs]
     if not run_dirs:
         raise ValueError("write_html_report needs at least one run folder")
-    runs = [load_run(d) for d in run_dirs]
-    _unique_names(runs)
     out = Path(out_path)
     if out.is_dir():
         raise ValueError(f"{out} is a folder; give the HTML file to write, e.g. {out / 'report.html'}")
+    check_writable_folder(out.parent, f"-o {str(out)!r}: the report's folder", "give an HTML file in a folder you can write to (-o PATH)")
+    runs = [load_run(d) for d in run_dirs]
+    _unique_names(runs)
     atomic_write_text(out, render_html(runs, title=title))
     return out

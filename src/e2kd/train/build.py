@@ -45,11 +45,29 @@ def save_model(path: Path, model: nn.Module) -> None:
 
 
 def read_record(path: Path) -> Optional[dict]:
-    from safetensors import safe_open
+    """The model record saved with the weights, or None for a safetensors file without one."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        info = (fh.metadata() or {}).get("info")
-    return json.loads(info) if info else None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            info = (fh.metadata() or {}).get("info")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{str(path)!r} is not a readable safetensors file (corrupt or truncated: {err}); give the model.safetensors "
+            "of a finished run, or rerun the run that wrote it"
+        ) from None
+    if not info:
+        return None
+    try:
+        rec = json.loads(info)
+    except ValueError:
+        rec = None
+    if not isinstance(rec, dict) or not {"name", "kwargs", "num_classes", "in_chans"} <= set(rec):
+        raise ValueError(
+            f"{str(path)!r} has a damaged model record (the 'info' metadata is not the one e2kd writes); give the "
+            "model.safetensors of a finished run, or give teacher.name (and num_classes) with this file as weights"
+        )
+    return rec
 
 
 def load_model_file(path: str | Path, *, in_chans: Optional[int] = None) -> nn.Module:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save
 
 from .runfolder import atomic_write_bytes
 
-__all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "rng_state", "set_rng_state", "save_weights"]
+__all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "check_checkpoint", "rng_state", "set_rng_state", "save_weights"]
 
 _NAME = re.compile(r"^step_(\d{8})\.safetensors$")
 FORMAT = "e2kd-checkpoint-1"
@@ -134,6 +134,26 @@ def list_checkpoints(folder: str | os.PathLike) -> List[Path]:
 def latest_checkpoint(folder: str | os.PathLike) -> Optional[Path]:
     found = list_checkpoints(folder)
     return found[-1] if found else None
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Raise a ValueError unless ``path`` is a readable e2kd training checkpoint (header and
+    metadata only; the tensors are not read). For a checkpoint named by ``resume=PATH``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("e2kd")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"resume={str(path)!r}: the named checkpoint is not a readable safetensors file (corrupt, truncated or another format: {err}); "
+            "pass another checkpoint file, or resume=auto to continue from the run folder's newest one"
+        ) from None
+    if raw is None:
+        raise ValueError(
+            f"resume={str(path)!r} is a safetensors file but not an e2kd training checkpoint (no 'e2kd' metadata); "
+            "pass a checkpoints/step_*.safetensors file of a run, or resume=auto"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], dict]:

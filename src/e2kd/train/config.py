@@ -344,7 +344,14 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist (configs live in configs/, e.g. configs/fmnist/teacher.yaml)")
     try:
-        values = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {err.start} cannot be decoded); is it the right file? "
+            "Save it as UTF-8"
+        ) from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     return config_from_dict(values or {}, overrides, where=str(path))

@@ -36,7 +36,13 @@ class DistInfo:
 def _pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(requested)
+    try:
+        dev = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device={requested!r} is not a device name; use device=auto (a GPU if there is one), cpu, cuda or cuda:N "
+            "(N: the GPU's index)"
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={requested!r} but no CUDA GPU is available; use device=cpu or device=auto")

@@ -83,7 +83,7 @@ def _check_paths(cfg: ExperimentConfig, keys: Sequence[str], where: str, starts:
         )
 
 
-def _result_place(checkpoint: Path) -> Tuple[Path, str]:
+def result_place(checkpoint: Path) -> Tuple[Path, str]:
     """(folder, file-name prefix) of the results of evaluating the weights ``checkpoint``: a run
     folder (or the ``model.safetensors`` of one) keeps them beside its own results; a plain
     weights file gets ``<stem>.eval_<dataset>_<split>.json`` beside it."""
@@ -127,7 +127,7 @@ def evaluate_target(target: str, overrides: Sequence[str] = (), output: Optional
                 "evaluate with a config needs model.checkpoint (a weights file or run folder): add "
                 "model.checkpoint=PATH, or give the run folder itself (e2kd evaluate runs/NAME)"
             )
-        run_dir, prefix = _result_place(Path(cfg.model.checkpoint))
+        run_dir, prefix = result_place(Path(cfg.model.checkpoint))
     used = [] if path.is_dir() else ["model.checkpoint"]  # a run folder's model.checkpoint only started its training
     used += ["teacher.checkpoint"] if _has_teacher(cfg) else ["teacher.frozen_eval"]
     _check_paths(cfg, used, where, starts)

@@ -34,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._atomic import check_writable_folder
 from .._conv import onednn_1x1_bug
 from ..distiller import Distiller
+from ..models.timm_models import check_image_size
 from .augment import augment_batch
 from .batches import TrainStream, build_datasets, eval_batches, place_on_device
 from .build import build_explainers, build_model, build_teacher, load_model_file, model_record, save_model, teacher_weights_available
-from .checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from .checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from .config import Amp, ExperimentConfig, config_from_dict, save_config, to_dict
 from .distributed import DistInfo, all_reduce_sum, broadcast_flag, init_distributed, shutdown
 from .evaluate import evaluate
@@ -172,6 +174,9 @@ def _call(callbacks: Sequence[object], name: str, ctx: RunContext) -> None:
 def _dry_run(model: nn.Module, teacher: Optional[nn.Module], explainers, x: torch.Tensor, multilabel: bool) -> None:
     """Explain two images with every model before training: bad layers, class-count or channel
     mismatches fail here, with the explainer's own message."""
+    check_image_size(model, x.shape[-2:], kwargs_key="model.kwargs")
+    if teacher is not None:
+        check_image_size(teacher, x.shape[-2:], kwargs_key="teacher.kwargs")
     was = model.training
     model.eval()
     try:
@@ -196,6 +201,7 @@ def _dry_run(model: nn.Module, teacher: Optional[nn.Module], explainers, x: torc
 def _dry_run_frozen(model: nn.Module, explainers, probe: Dict[str, torch.Tensor], device: torch.device, d, multilabel: bool) -> None:
     """One frozen-distillation forward on two stored samples: class counts, map channels and
     the student explainer fail here, before training, with their own messages."""
+    check_image_size(model, probe["image"].shape[-2:], kwargs_key="model.kwargs")
     was = model.training
     model.eval()
     try:
@@ -294,6 +300,7 @@ def _resolve_resume(cfg: ExperimentConfig, ckpt_dir: Path) -> Optional[Path]:
     path = Path(cfg.resume)
     if not path.is_file():
         raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file; use resume=auto or resume=none")
+    check_checkpoint(path)
     return path
 
 
@@ -330,6 +337,10 @@ def run(cfg: ExperimentConfig, *, mode: str, callbacks: Sequence[object] = ()) -
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _check_compile(cfg, mode)
+    check_writable_folder(
+        Path(cfg.output_dir) / cfg.name, f"output_dir={cfg.output_dir!r}: the run folder",
+        "set output_dir to a folder you can write to (or name= to another run name)",
+    )
     info = init_distributed(cfg.device)
     try:
         return _run(cfg, mode, info, callbacks)
