@@ -59,3 +59,52 @@ def test_two_process_ddp_matches_one_process(tmp_path, kind):
     r2 = json.loads((tmp_path / "w2" / "ddp" / "results.json").read_text())
     assert r2["world_size"] == 2 and r2["num_images"] == r1["num_images"] == 32
     assert r2["accuracy"] == pytest.approx(r1["accuracy"]) and r2["agreement"] == pytest.approx(r1["agreement"])
+
+
+def _evaluate_on_rank(rank, init_file, out_dir):
+    """Rank ``rank`` of two gloo processes evaluates its share of a one-image split (rank 1's
+    share is empty, as ``eval_batches`` gives it) and writes what it got back."""
+    import json
+
+    import torch.distributed as dist
+
+    from e2kd.train.distributed import DistInfo, all_reduce_sum
+    from e2kd.train.evaluate import evaluate
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+        torch.manual_seed(0)
+        student, teacher = TinyNet(num_classes=4, in_chans=3, width=4), TinyNet(num_classes=4, in_chans=3, width=4)
+        x = torch.rand(1, 3, 16, 16)
+        batches = [{"image": x, "label": torch.tensor([2])}] if rank == 0 else []
+        res = evaluate(student, batches, teacher=teacher, info=info)
+        # the reduction itself: keys only one rank holds are summed with 0 from the other
+        sums = all_reduce_sum({"a": 1.0, "only0": 5.0} if rank == 0 else {"a": 2.0}, info)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"res": res, "sums": sums}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_with_an_empty_rank_equals_one_process(tmp_path):
+    """A split smaller than the number of ranks leaves a rank with no images: it used to send a
+    shorter list of sums than the others (no labels, no teacher outputs seen), and the reduction
+    failed on every rank. The ranks now reduce the union of their keys."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from e2kd.train.evaluate import evaluate
+
+    mp.spawn(_evaluate_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    student, teacher = TinyNet(num_classes=4, in_chans=3, width=4), TinyNet(num_classes=4, in_chans=3, width=4)
+    x = torch.rand(1, 3, 16, 16)
+    alone = evaluate(student, [{"image": x, "label": torch.tensor([2])}], teacher=teacher)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["sums"] == {"a": 3.0, "only0": 5.0}
+        assert got["res"].keys() == alone.keys() and got["res"]["num_images"] == 1
+        for k, v in alone.items():
+            assert got["res"][k] == pytest.approx(v), k

@@ -71,10 +71,20 @@ def shutdown(info: DistInfo) -> None:
 
 
 def all_reduce_sum(values: Dict[str, float], info: DistInfo) -> Dict[str, float]:
-    """Sum float values over all ranks (float64 on the run's device)."""
-    if not info.enabled or not values:
+    """Sum float values over all ranks (float64 on the run's device).
+
+    The ranks may hold different keys (a rank whose share of the evaluation split is empty has
+    seen no labels, no teacher outputs): the sum runs over the union of the keys, a key a rank
+    lacks counting 0 there, and every rank gets every key back. Every rank must call it.
+    """
+    if not info.enabled:
         return dict(values)
-    keys = sorted(values)
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, sorted(values))
+    keys = sorted(set().union(*gathered))
+    if not keys:
+        return {}
+    values = {k: values.get(k, 0.0) for k in keys}
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
