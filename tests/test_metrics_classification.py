@@ -32,6 +32,38 @@ def test_topk_accuracy_by_hand():
     assert topk_correct(LOGITS, LABELS, 5).all()
 
 
+def test_ties_are_ranked_as_argmax_ranks_them():
+    """Equal logits: the lower class index ranks first, as argmax picks it, so top-1 is argmax
+    and top-k is never below top-1 (topk's own order among ties is unspecified)."""
+    z = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 7, [0.0] * 7])
+    y = torch.tensor([0, 0, 6])
+    assert topk_correct(z, y, 1).tolist() == [True, True, False] == (z.argmax(1) == y).tolist()
+    assert topk_correct(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1]), 1).tolist() == [False]
+    assert topk_correct(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1]), 2).tolist() == [True]
+    # class 6 among seven equal logits ranks 7th: in the top 5 it is not, in the top 7 it is
+    assert topk_correct(z, y, 5).tolist() == [True, True, False]
+    assert topk_correct(z, y, 7).tolist() == [True, True, True]
+
+
+def test_evaluate_top5_is_never_below_top1_with_constant_logits():
+    from torch import nn
+
+    from e2kd.train.evaluate import evaluate
+
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 10) + self.p
+
+    batch = {"image": torch.rand(4, 1, 2, 2), "label": torch.tensor([0, 0, 1, 9])}
+    res = evaluate(Constant(), [batch])
+    # argmax is class 0 for every image; ties ranked by index: classes 0-4 are the top 5
+    assert res["accuracy"] == 0.5 and res["top5"] == 0.75
+
+
 def test_agreement_by_hand():
     # Student argmax 2, 0, 3; teacher argmax 2, 3, 3.
     assert agreement(LOGITS, TEACHER).tolist() == [True, False, True]

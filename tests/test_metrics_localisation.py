@@ -1,5 +1,7 @@
 """EPG, IoU and the grid pointing game against values worked out by hand."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -114,6 +116,31 @@ def test_iou_edge_cases():
     assert iou(RAMP, torch.ones(1, 4, 4)).item() == pytest.approx(0.5)
     two = torch.clamp(box(4, 4, (2, 4, 0, 2)) + box(4, 4, (2, 4, 2, 4)), max=1)  # two boxes = rows 2-3
     assert iou(RAMP, two).item() == pytest.approx(1.0)
+
+
+def test_a_map_holding_nan_scores_nan_not_a_plausible_value():
+    """NaN used to fall through every comparison: EPG 0, IoU 0, energy guidance loss 1 with no
+    gradient, indistinguishable from a dead map."""
+    from e2kd.guidance import energy_loss
+
+    maps = torch.stack([RAMP[0], RAMP[0]]).clone()
+    maps[1, 0, 0] = float("nan")
+    m = torch.cat([box(4, 4, (2, 4, 0, 4))] * 2)
+    epg = energy_pointing_game(maps, m)
+    assert epg[0].item() == pytest.approx(sum(range(8, 16)) / sum(range(16))) and torch.isnan(epg[1])
+    scores = iou(maps, m)
+    assert scores[0].item() == pytest.approx(8 / 8) and torch.isnan(scores[1])  # top half >= 7.5: rows 2-3
+    assert torch.isnan(energy_loss(maps[1:], m[1:])).all()
+    meter = LocalisationMeter()
+    meter.update(maps, m)
+    assert math.isnan(meter.compute()["epg"])
+
+
+def test_localisation_meter_checks_its_binarisation_when_built():
+    with pytest.raises(ValueError, match=r"LocalisationMeter: rule 'fraction_of_max' needs value in \[0, 1\], got 7"):
+        LocalisationMeter(iou_value=7)
+    with pytest.raises(ValueError, match="LocalisationMeter: unknown rule 'foo'"):
+        LocalisationMeter(iou_rule="foo")
 
 
 def test_bad_maps_and_masks_are_refused():

@@ -19,6 +19,7 @@ __all__ = [
     "ClassificationMeter",
     "MultilabelF1Meter",
     "agreement",
+    "class_rank",
     "explanation_similarity",
     "multilabel_f1",
     "multilabel_predictions",
@@ -52,7 +53,10 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> torc
     .. math:: \mathrm{acc}@k = \frac{1}{B}\sum_b [\,y_b \in \mathrm{top}_k(z_b)\,]
 
     (the standard ImageNet top-1 / top-5 accuracy). ``k`` larger than the number of classes is
-    clipped to it, so top-5 of a 2-class problem is 1.
+    clipped to it, so top-5 of a 2-class problem is 1. Ties are ranked as ``argmax`` ranks them
+    (the lower class index first), so top-1 is exactly ``argmax == y`` and top-k never falls
+    below top-1: ``y`` is among the top ``k`` when fewer than ``k`` classes have a larger logit
+    or an equal one at a lower index.
 
     Parameters
     ----------
@@ -68,9 +72,17 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> torc
     labels = _check_labels(labels, logits, "topk_correct")
     if k < 1:
         raise ValueError(f"topk_correct: k must be >= 1, got {k}")
-    k = min(k, logits.shape[1])
-    top = logits.detach().topk(k, dim=1).indices
-    return (top == labels[:, None]).any(dim=1)
+    return class_rank(logits, labels) < k
+
+
+def class_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """0-based rank of class ``labels[b]`` among the logits of sample ``b``, ties broken by the
+    lower class index (as ``argmax`` breaks them): rank 0 is the argmax. Labels must be valid
+    class indices."""
+    z = logits.detach()
+    zy = z.gather(1, labels[:, None])
+    lower = torch.arange(z.shape[1], device=z.device)[None, :] < labels[:, None]
+    return ((z > zy) | ((z == zy) & lower)).sum(dim=1)
 
 
 def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -75,8 +75,10 @@ def energy_pointing_game(attributions: torch.Tensor, masks: torch.Tensor) -> tor
     .. math::
         \mathrm{EPG} = \frac{\sum_{ij} M_{ij}\,\max(A_{ij}, 0)}{\sum_{ij} \max(A_{ij}, 0)}
 
-    A map with no positive energy (all zero, or all negative) points nowhere and scores 0.
-    A mask covering the whole image gives 1 for any map with positive energy. Several boxes of
+    A map with no positive energy (all zero, or all negative) points nowhere and scores 0; a
+    map holding NaN scores NaN (not a plausible 0: the energy guidance loss then shows it, and
+    a training run stops on it). A mask covering the whole image gives 1 for any map with
+    positive energy. Several boxes of
     one class are one mask (their union), so overlapping boxes count each pixel once.
 
     Parameters
@@ -94,7 +96,8 @@ def energy_pointing_game(attributions: torch.Tensor, masks: torch.Tensor) -> tor
     pos = a.clamp_min(0).flatten(1)
     total = pos.sum(dim=1)
     inside = (pos * m.flatten(1)).sum(dim=1)
-    return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    score = torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    return torch.where(torch.isnan(total), total, score)  # NaN anywhere in a map makes its total NaN
 
 
 def binarise(attributions: torch.Tensor, *, rule: str = "fraction_of_max", value: float = 0.5) -> torch.Tensor:
@@ -122,20 +125,27 @@ def binarise(attributions: torch.Tensor, *, rule: str = "fraction_of_max", value
     -------
     BoolTensor, shape (N, H, W)
     """
+    check_binarisation(rule, value, "binarise")
     a = as_attribution_maps(attributions, "binarise").detach()
     flat = a.flatten(1)
     if rule == "fraction_of_max":
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"binarise: rule 'fraction_of_max' needs value in [0, 1], got {value}")
         thresh = value * flat.amax(dim=1, keepdim=True)
-    elif rule == "top_fraction":
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"binarise: rule 'top_fraction' needs value in (0, 1], got {value}")
+    else:
         k = max(1, math.ceil(value * flat.shape[1] - 1e-9))
         thresh = flat.topk(k, dim=1).values[:, -1:]
-    else:
-        raise ValueError(f"binarise: unknown rule {rule!r}; choose one of {BINARISATION_RULES}")
     return ((flat >= thresh) & (flat > 0)).view_as(a)
+
+
+def check_binarisation(rule: str, value: float, who: str) -> None:
+    """A clear error unless ``rule`` and ``value`` are a binarisation :func:`binarise` accepts."""
+    if rule == "fraction_of_max":
+        if not 0.0 <= value <= 1.0:  # NaN fails too
+            raise ValueError(f"{who}: rule 'fraction_of_max' needs value in [0, 1], got {value}")
+    elif rule == "top_fraction":
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{who}: rule 'top_fraction' needs value in (0, 1], got {value}")
+    else:
+        raise ValueError(f"{who}: unknown rule {rule!r}; choose one of {BINARISATION_RULES}")
 
 
 def iou(attributions: torch.Tensor, masks: torch.Tensor, *, rule: str = "fraction_of_max", value: float = 0.5) -> torch.Tensor:
@@ -147,7 +157,8 @@ def iou(attributions: torch.Tensor, masks: torch.Tensor, *, rule: str = "fractio
 
     .. math:: \mathrm{IoU} = \frac{|\hat A \cap M|}{|\hat A \cup M|}
 
-    An empty union (no positive attribution and an empty mask) scores 0.
+    An empty union (no positive attribution and an empty mask) scores 0; a map holding NaN
+    scores NaN.
 
     Parameters
     ----------
@@ -163,7 +174,8 @@ def iou(attributions: torch.Tensor, masks: torch.Tensor, *, rule: str = "fractio
     mb = m.flatten(1) > 0
     inter = (b & mb).sum(dim=1).double()
     union = (b | mb).sum(dim=1).double()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union)).float()
+    score = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union)).float()
+    return torch.where(torch.isnan(a.detach()).flatten(1).any(dim=1), torch.full_like(score, math.nan), score)
 
 
 def present_class_pairs(labels: torch.Tensor, masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,8 +267,7 @@ class LocalisationMeter(StreamingMetric):
 
     def __init__(self, *, iou_rule: str = "fraction_of_max", iou_value: float = 0.5):
         super().__init__()
-        if iou_rule not in BINARISATION_RULES:
-            raise ValueError(f"LocalisationMeter: unknown iou_rule {iou_rule!r}; choose one of {BINARISATION_RULES}")
+        check_binarisation(iou_rule, iou_value, "LocalisationMeter")  # at construction, not at the first update
         self.iou_rule = iou_rule
         self.iou_value = iou_value
         for name in ("epg", "iou", "count"):

@@ -34,6 +34,7 @@ from torch import nn
 from ..distiller import match_maps
 from ..explain.base import Explainer
 from ..losses import explanation_cosine
+from ..metrics.classification import class_rank
 from .distributed import DistInfo, all_reduce_sum
 
 __all__ = ["evaluate"]
@@ -138,8 +139,10 @@ def evaluate(
                 correct = (top1 == y).float()
                 add("_nlab", (y >= 0).sum().item())
                 add("_acc", correct.sum().item())
-                k = min(5, logits.shape[1])
-                add("_top5", (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).float().sum().item())
+                # ranked as argmax ranks ties, so top-5 never falls below top-1
+                labelled = y >= 0
+                rank = class_rank(logits, y.clamp(min=0))
+                add("_top5", ((rank < 5) & labelled).sum().item())
             agree = None
             if t_logits is not None:
                 t_top1 = t_logits.argmax(dim=1)
