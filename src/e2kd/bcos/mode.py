@@ -169,17 +169,26 @@ class _BcosScale(torch.autograd.Function):
             gout = t * (2 * inv) if ctx.needs_input_grad[0] else None
             ginv = (t * out).sum_to_size(inv.shape) if ctx.needs_input_grad[1] else None
             return gout, ginv, None
-        factor = _bcos_factor(out, inv, b)
-        gout = gy * factor * b if ctx.needs_input_grad[0] else None
-        # y = sign(out)|out|^B · r^(B-1)  =>  ∂y/∂r = (B-1) y / r
-        ginv = (gy * out * factor).mul(b - 1).div(inv).sum_to_size(inv.shape) if ctx.needs_input_grad[1] else None
+        # y = out · c^(B-1) with c = |out|·r + ε  =>  ∂y/∂out = c^(B-2) · (c + (B-1)|out|·r),
+        # ∂y/∂r = (B-1) · out|out| · c^(B-2)
+        t = out.abs() * inv
+        c = t + _COS_EPS
+        factor = c.pow(b - 1)
+        per_c = factor / c  # c^(B-2); c >= ε > 0
+        gout = gy * (factor + (b - 1) * t * per_c) if ctx.needs_input_grad[0] else None
+        ginv = (gy * out * out.abs() * per_c).mul(b - 1).sum_to_size(inv.shape) if ctx.needs_input_grad[1] else None
         return gout, ginv, None
+
+
+# Added to |cos| before the power when B != 2, as the B-cos v2 reference implementation does
+# (it keeps the factor's gradient finite at cos = 0 for B < 2); B = 2 uses |cos| itself there too.
+_COS_EPS = 1e-6
 
 
 def _bcos_factor(out: torch.Tensor, inv_norm: torch.Tensor, b: float) -> torch.Tensor:
     if b == 2:
         return out.abs() * inv_norm
-    return (out.abs() * inv_norm).pow(b - 1)
+    return (out.abs() * inv_norm + _COS_EPS).pow(b - 1)
 
 
 def _bcos_value(out: torch.Tensor, inv_norm: torch.Tensor, b: float) -> torch.Tensor:
@@ -194,6 +203,9 @@ def bcos_scale(out: torch.Tensor, norm: torch.Tensor, b: float, *, detach: bool 
     .. math::
         y = |\cos(x, \hat w)|^{B-1}\, \hat w^\top x,\qquad
         \cos(x, \hat w) = \frac{\hat w^\top x}{\|x\|}
+
+    For ``B != 2`` the power is taken of :math:`|\cos| + 10^{-6}`, as in the B-cos v2
+    reference implementation (which the released checkpoints were trained with).
 
     Parameters
     ----------
