@@ -250,6 +250,131 @@ def test_html_report_holds_values_images_and_escapes_text(tmp_path):
     assert all(np.asarray(im.convert("RGB"))[5, 5].tolist() == [200, 30, 30] for im in images if im.size == (37, 23))
 
 
+def _edit_results(run, **changes):
+    """Rewrite ``run``/results.json with ``changes``; a value of ``...`` removes the key."""
+    res = json.loads((run / "results.json").read_text())
+    for k, v in changes.items():
+        if v is ...:
+            del res[k]
+        else:
+            res[k] = v
+    (run / "results.json").write_text(json.dumps(res))
+
+
+def _section(page: str, anchor: str) -> str:
+    start = page.index(f'<h2 id="{anchor}">')
+    end = page.find("<h2", start + 1)
+    return page[start : end if end != -1 else len(page)]
+
+
+def test_html_report_lists_every_metric_and_names_unfinished_runs(tmp_path):
+    a = _fake_run(tmp_path, "a", seed=0, lam=0, accuracy=0.8125)
+    b = _fake_run(tmp_path, "b", seed=1, lam=1, accuracy=0.9)
+    _edit_results(b, accuracy=None, epg=..., iou=0.375)  # accuracy null, no epg, an iou only b has
+    x = tmp_path / "x"
+    shutil.copytree(a, x)
+    (x / "results.json").unlink()  # an unfinished run
+    page = write_html_report([a, x, b], tmp_path / "report.html").read_text(encoding="utf-8")
+    results = _section(page, "comparison")
+    assert '<p class="note">No results.json (unfinished, or not evaluated): x; their columns show “–”.</p>' in results
+    rows = re.findall(r"<tr><th>([^<]+)</th>(.*?)</tr>", results.split("<tbody>")[1])
+    assert [k for k, _ in rows] == [
+        "accuracy", "top5", "agreement", "explanation_similarity", "epg", "iou", "val.accuracy", "steps",
+    ]
+    cells = {k: re.findall(r"<td[^>]*>([^<]*)</td>", v) for k, v in rows}
+    assert cells["accuracy"] == ["0.8125", "–", "–"]
+    assert cells["epg"] == ["0.6250", "–", "–"]
+    assert cells["iou"] == ["–", "–", "0.3750"]
+    assert cells["top5"] == ["0.9900", "–", "0.9900"]
+    assert "No run folder has" not in page
+
+    one = write_html_report([x], tmp_path / "one.html").read_text(encoding="utf-8")
+    assert '<p class="note">The run folder has no results.json yet (unfinished, or not evaluated): x.</p>' in one
+    y = tmp_path / "y"
+    shutil.copytree(x, y)
+    two = write_html_report([x, y], tmp_path / "two.html").read_text(encoding="utf-8")
+    assert _section(two, "comparison") == (
+        '<h2 id="comparison">Results</h2>'
+        '<p class="note">None of the run folders has results.json yet (unfinished, or not evaluated): x, y.</p>\n'
+    )
+
+
+def test_html_report_warns_when_runs_were_evaluated_on_different_datasets(tmp_path):
+    a = _fake_run(tmp_path, "a", seed=0, lam=0, accuracy=0.8125)
+    b = _fake_run(tmp_path, "b", seed=1, lam=0, accuracy=0.9)
+    _edit_results(a, dataset="fashion_mnist/test")
+    _edit_results(b, dataset="mnist/test")
+    page = write_html_report([a, b], tmp_path / "report.html").read_text(encoding="utf-8")
+    results = _section(page, "comparison")
+    assert (
+        '<p class="note"><strong>Different datasets:</strong> the runs were evaluated on different data, so their '
+        "metrics are not comparable (a: fashion_mnist/test; b: mnist/test).</p>"
+    ) in results
+    assert "<tr><th>dataset</th><td>fashion_mnist/test</td><td>mnist/test</td></tr>" in results
+    # Same setting, seeds 0 and 1, but different data: not averaged as seeds of one setting.
+    assert 'id="seeds"' not in page
+    c = _fake_run(tmp_path, "c", seed=2, lam=0, accuracy=0.7)
+    _edit_results(c, dataset=None)
+    page = write_html_report([a, b, c], tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "not comparable (a: fashion_mnist/test; b: mnist/test; c: not recorded).</p>" in page
+
+    _edit_results(b, dataset=...)
+    page = write_html_report([a, b], tmp_path / "report.html").read_text(encoding="utf-8")
+    assert (
+        '<p class="note">The results.json of b names no dataset; it cannot be checked that it was evaluated on '
+        "fashion_mnist/test like a.</p>"
+    ) in page
+    assert "<tr><th>dataset</th><td>fashion_mnist/test</td><td>–</td></tr>" in page
+
+    _edit_results(b, dataset="fashion_mnist/test")
+    page = write_html_report([a, b], tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Different datasets" not in page and "names no dataset" not in page
+    assert "<tr><th>dataset</th><td>fashion_mnist/test</td><td>fashion_mnist/test</td></tr>" in page
+    assert "0.8562 ± 0.0619" in _section(page, "seeds")  # (0.8125 + 0.9) / 2, |0.9 − 0.8125| / √2
+
+
+def test_report_refuses_the_same_folder_twice(tmp_path, capsys):
+    a = _fake_run(tmp_path, "a", seed=0, lam=0, accuracy=0.8)
+    with pytest.raises(ValueError) as err:
+        write_html_report([a, a], tmp_path / "report.html")
+    assert str(err.value) == f"the same run folder is given twice: {str(a)!r} is {str(a)!r}; give each run folder once"
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "a").symlink_to(a)
+    for other in (tmp_path / "links" / ".." / "a", tmp_path / "links" / "a"):
+        with pytest.raises(ValueError) as err:
+            write_html_report([a, other], tmp_path / "report.html")
+        assert str(err.value) == (
+            f"the same run folder is given twice: {str(a)!r} and {str(other)!r} are both {str(a)!r}; "
+            "give each run folder once"
+        )
+    assert main(["report", str(a), str(a), "-o", str(tmp_path / "report.html")]) == 2
+    assert capsys.readouterr().err == (
+        f"e2kd report: error: the same run folder is given twice: {str(a)!r} is {str(a)!r}; give each run folder once\n"
+    )
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_html_report_does_not_average_runs_that_share_a_seed(tmp_path):
+    a = _fake_run(tmp_path, "a", seed=0, lam=0, accuracy=0.8)
+    b = _fake_run(tmp_path, "b", seed=0, lam=0, accuracy=0.8)  # a rerun of a: same setting, same seed
+    c = _fake_run(tmp_path, "c", seed=1, lam=0, accuracy=0.9)
+    seeds = _section(write_html_report([a, b], tmp_path / "r.html").read_text(encoding="utf-8"), "seeds")
+    assert (
+        '<p class="note">Not averaged: a, b have the same setting and share seed 0. Runs with the same seed are '
+        "repeats, not independent seeds; the mean ± std needs distinct seeds, so give each seed once.</p>"
+    ) in seeds
+    assert "<table>" not in seeds and "(n=" not in seeds
+    seeds = _section(write_html_report([a, b, c], tmp_path / "r.html").read_text(encoding="utf-8"), "seeds")
+    assert '<p class="note">Not averaged: a, b, c have the same setting but a, b share seed 0. Runs' in seeds
+    assert "<table>" not in seeds and "(n=" not in seeds
+    # A different data seed makes the runs independent: averaged, and the seeds column says so.
+    d = _fake_run(tmp_path, "d", seed=0, lam=0, accuracy=0.9, config_extra="data:\n  seed: 1\n")
+    seeds = _section(write_html_report([a, d], tmp_path / "r.html").read_text(encoding="utf-8"), "seeds")
+    assert "<tr><th>a, d</th><td>0, 0 (data.seed 1)</td>" in seeds
+    assert '<td class="num">0.8500 ± 0.0707 <small>(n=2)</small></td>' in seeds  # std: 0.1 / √2
+    assert "Not averaged" not in seeds
+
+
 def test_load_run_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_run(tmp_path / "missing")

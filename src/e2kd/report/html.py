@@ -26,7 +26,7 @@ from ..train.runfolder import atomic_write_text, read_metrics
 from .figures import training_curves_figure
 from .tables import format_cell, mean_std
 
-__all__ = ["RunSummary", "load_run", "flatten", "shared_metrics", "write_html_report", "METRIC_ORDER"]
+__all__ = ["RunSummary", "load_run", "flatten", "comparison_metrics", "write_html_report", "METRIC_ORDER"]
 
 #: Metrics shown first in the comparison table, in this order; then the other numeric results
 #: alphabetically, then the bookkeeping keys of :data:`BOOKKEEPING`.
@@ -57,6 +57,7 @@ class RunSummary:
     name: str
     config_text: Optional[str] = None
     config: Dict[str, Any] = field(default_factory=dict)  # flattened: "distill.lam" -> 1.0
+    has_results: bool = False  # the folder holds results.json (an unfinished run does not)
     results: Dict[str, Any] = field(default_factory=dict)  # flattened: "val.accuracy" -> 0.8
     metrics: List[dict] = field(default_factory=list)
     figures: List[Tuple[str, bytes, Tuple[int, int]]] = field(default_factory=list)  # (relative path, PNG, (w, h))
@@ -118,6 +119,7 @@ def load_run(run_dir: str | os.PathLike) -> RunSummary:
         if not isinstance(res, Mapping):
             raise ValueError(f"{files['results.json']} must hold a JSON object of metrics, got {type(res).__name__}")
         run.results = flatten(res)
+        run.has_results = True
     run.metrics = read_metrics(files["metrics.jsonl"])
     for png in sorted(path.rglob("*.png")):
         rel = png.relative_to(path).as_posix()
@@ -150,16 +152,28 @@ def _metric_sort_key(k: str) -> Tuple[int, int, str]:
     return (prefix, len(METRIC_ORDER), k)
 
 
-def shared_metrics(runs: Sequence[RunSummary]) -> List[str]:
-    """Numeric result keys of the comparison table: for one run all of them, for several those
-    that at least two runs report; ordered by :data:`METRIC_ORDER`, then by name."""
-    counts: Dict[str, int] = {}
-    for r in runs:
-        for k, v in r.results.items():
-            if _is_number(v) or (isinstance(v, str) and v in ("nan", "inf", "-inf")):
-                counts[k] = counts.get(k, 0) + 1
-    need = 1 if len(runs) == 1 else 2
-    return sorted((k for k, c in counts.items() if c >= need), key=_metric_sort_key)
+def comparison_metrics(runs: Sequence[RunSummary]) -> List[str]:
+    """Rows of the comparison table: every numeric result key that any of ``runs`` reports (a run
+    that lacks one shows "–"), ordered by :data:`METRIC_ORDER`, then by name."""
+    keys = {
+        k
+        for r in runs
+        for k, v in r.results.items()
+        if _is_number(v) or (isinstance(v, str) and v in ("nan", "inf", "-inf"))
+    }
+    return sorted(keys, key=_metric_sort_key)
+
+
+def _refuse_repeats(paths: Sequence[str | os.PathLike]) -> None:
+    """A ValueError if two of ``paths`` are the same folder (after resolving ``..`` and links):
+    the report would show one run as two and count it twice."""
+    first: Dict[Path, str] = {}
+    for p in paths:
+        real = Path(p).resolve()
+        if real in first:
+            given = f"{first[real]!r} and {str(p)!r} are both" if first[real] != str(p) else f"{str(p)!r} is"
+            raise ValueError(f"the same run folder is given twice: {given} {str(real)!r}; give each run folder once")
+        first[real] = str(p)
 
 
 def _unique_names(runs: Sequence[RunSummary]) -> None:
@@ -224,12 +238,54 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _names(runs: Sequence[RunSummary]) -> str:
+    return ", ".join(r.name for r in runs)
+
+
+def _dataset_note(runs: Sequence[RunSummary]) -> str:
+    """A warning when the runs' results.json name different datasets (``dataset``), or when some
+    name one and others none, so that the check cannot be made."""
+    evaluated = [r for r in runs if r.has_results]
+    named = [r for r in evaluated if r.results.get("dataset") is not None]
+    unnamed = [r for r in evaluated if r.results.get("dataset") is None]
+    datasets = {str(r.results["dataset"]) for r in named}
+    if len(datasets) > 1:
+        per_run = "; ".join(f"{r.name}: {r.results.get('dataset') or 'not recorded'}" for r in evaluated)
+        return (
+            '<p class="note"><strong>Different datasets:</strong> the runs were evaluated on different data, '
+            f"so their metrics are not comparable ({_e(per_run)}).</p>"
+        )
+    if named and unnamed:
+        return (
+            f'<p class="note">The results.json of {_e(_names(unnamed))} names no dataset; it cannot be checked that '
+            f"{'it was' if len(unnamed) == 1 else 'they were'} evaluated on {_e(datasets.pop())} like "
+            f"{_e(_names(named))}.</p>"
+        )
+    return ""
+
+
 def _comparison(runs: Sequence[RunSummary]) -> str:
-    keys = shared_metrics(runs)
+    unfinished = [r for r in runs if not r.has_results]
+    if len(unfinished) == len(runs):
+        which = "The run folder has no" if len(runs) == 1 else "None of the run folders has"
+        return f'<p class="note">{which} results.json yet (unfinished, or not evaluated): {_e(_names(runs))}.</p>'
+    parts = []
+    if unfinished:
+        parts.append(
+            f'<p class="note">No results.json (unfinished, or not evaluated): {_e(_names(unfinished))}; '
+            "their columns show “–”.</p>"
+        )
+    parts.append(_dataset_note(runs))
+    keys = comparison_metrics(runs)
     if not keys:
-        return '<p class="note">No run folder has numeric results (results.json) yet.</p>'
-    rows = [[f"<th>{_e(k)}</th>", *(_cell(r.results.get(k)) for r in runs)] for k in keys]
-    return _table(["metric", *(r.name for r in runs)], rows)
+        parts.append('<p class="note">No results.json holds numeric results.</p>')
+        return "".join(parts)
+    rows = []
+    if any(r.results.get("dataset") is not None for r in runs):
+        rows.append(["<th>dataset</th>", *(_cell(r.results.get("dataset")) for r in runs)])
+    rows += [[f"<th>{_e(k)}</th>", *(_cell(r.results.get(k)) for r in runs)] for k in keys]
+    parts.append(_table(["metric", *(r.name for r in runs)], rows))
+    return "".join(parts)
 
 
 def _config_differences(runs: Sequence[RunSummary]) -> str:
@@ -242,25 +298,57 @@ def _config_differences(runs: Sequence[RunSummary]) -> str:
 
 
 def _seed_groups(runs: Sequence[RunSummary]) -> List[List[RunSummary]]:
+    """Runs of one setting: the same config but for :data:`SEED_KEYS`, evaluated on the same
+    dataset (results.json ``dataset``)."""
     groups: Dict[str, List[RunSummary]] = {}
     for r in runs:
         if not r.config:
             continue
         setting = {k: v for k, v in r.config.items() if k not in SEED_KEYS}
-        groups.setdefault(json.dumps(setting, sort_keys=True, default=str), []).append(r)
+        key = json.dumps([setting, r.results.get("dataset")], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(r)
     return list(groups.values())
+
+
+def _seed_id(run: RunSummary) -> str:
+    """The seeds that make a run of a setting independent: ``seed`` and the data seed
+    (``data.seed``, which defaults to ``seed``)."""
+    seed = run.config.get("seed")
+    data_seed = run.config.get("data.seed")
+    return json.dumps([seed, seed if data_seed is None else data_seed], default=str)
+
+
+def _seed_label(run: RunSummary) -> str:
+    seed = run.config.get("seed")
+    data_seed = run.config.get("data.seed")
+    text = "not recorded" if seed is None else str(seed)
+    return text if data_seed is None or data_seed == seed else f"{text} (data.seed {data_seed})"
 
 
 def _seed_table(runs: Sequence[RunSummary]) -> str:
     groups = [g for g in _seed_groups(runs) if len(g) > 1]
     if not groups:
         return ""
-    keys = shared_metrics(runs)
-    rows = []
+    keys = comparison_metrics(runs)
+    rows, repeats = [], []
     for g in groups:
-        label = ", ".join(r.name for r in g)
-        seeds = ", ".join(str(r.config.get("seed", "?")) for r in g)
-        cells = [f"<th>{_e(label)}</th>", f"<td>{_e(seeds)}</td>"]
+        by_seed: Dict[str, List[RunSummary]] = {}
+        for r in g:
+            by_seed.setdefault(_seed_id(r), []).append(r)
+        shared = [same for same in by_seed.values() if len(same) > 1]
+        if shared:
+            if len(shared) == 1 and len(shared[0]) == len(g):
+                which = f"and share seed {_seed_label(g[0])}"
+            else:
+                which = "but " + "; ".join(f"{_names(same)} share seed {_seed_label(same[0])}" for same in shared)
+            repeats.append(
+                f'<p class="note">Not averaged: {_e(_names(g))} have the same setting {_e(which)}. Runs with the '
+                "same seed are repeats, not independent seeds; the mean ± std needs distinct seeds, "
+                "so give each seed once.</p>"
+            )
+            continue
+        seeds = ", ".join(_seed_label(r) for r in g)
+        cells = [f"<th>{_e(_names(g))}</th>", f"<td>{_e(seeds)}</td>"]
         for k in keys:
             vals = [r.results[k] for r in g if _is_number(r.results.get(k))]
             if vals and all(isinstance(v, float) and math.isfinite(v) or isinstance(v, int) for v in vals):
@@ -272,8 +360,10 @@ def _seed_table(runs: Sequence[RunSummary]) -> str:
         rows.append(cells)
     return (
         "<h2 id=\"seeds\">Mean ± std over seeds</h2>"
-        "<p>Runs whose configurations differ only in <code>seed</code>, <code>name</code> or <code>data.seed</code>; "
-        "std is the sample standard deviation (n − 1).</p>" + _table(["runs", "seeds", *keys], rows)
+        "<p>Runs whose configurations differ only in <code>seed</code>, <code>name</code> or <code>data.seed</code>, "
+        "evaluated on the same dataset; std is the sample standard deviation (n − 1).</p>"
+        + (_table(["runs", "seeds", *keys], rows) if rows else "")
+        + "".join(repeats)
     )
 
 
@@ -311,6 +401,7 @@ def render_html(runs: Sequence[RunSummary], *, title: Optional[str] = None) -> s
     """The page for already-loaded runs (see :func:`write_html_report`)."""
     if not runs:
         raise ValueError("the report needs at least one run folder")
+    _refuse_repeats([r.path for r in runs])
     title = title or ("e²KD report: " + ", ".join(r.name for r in runs))
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [f"<h1>{_e(title)}</h1>", f'<p class="meta">{len(runs)} run folder(s), generated {now}</p>']
@@ -321,7 +412,7 @@ def render_html(runs: Sequence[RunSummary], *, title: Optional[str] = None) -> s
     curves = training_curves_figure({r.name: r.metrics for r in runs})
     if curves is not None:
         body.append("<h2 id=\"curves\">Training curves</h2>" + _img(curves, "training curves from metrics.jsonl"))
-    shown = set(shared_metrics(runs))
+    shown = set(comparison_metrics(runs))
     if len(runs) > 1 or any(k not in shown for r in runs for k in r.results):  # else the table above showed it all
         body.append("<h2 id=\"all-results\">results.json</h2>" + _results_side_by_side(runs))
     body += [_run_section(r, i) for i, r in enumerate(runs)]
@@ -335,11 +426,15 @@ def render_html(runs: Sequence[RunSummary], *, title: Optional[str] = None) -> s
 def write_html_report(run_dirs: Sequence[str | os.PathLike], out_path: str | os.PathLike, *, title: Optional[str] = None) -> Path:
     """Write one self-contained HTML page for one run folder or a comparison of several.
 
-    The page holds: a comparison table of the numeric results the runs share (accuracy,
+    The page holds: a comparison table of every numeric result any run reports (accuracy,
     agreement, explanation similarity first, then EPG, IoU, F1, group metrics, whatever else is
-    there), mean ± std over seeds for runs that differ only in their seed, the config keys that
-    differ, training curves from ``metrics.jsonl``, each ``results.json`` side by side, and per
-    run its ``config.yaml`` (collapsible) and every PNG found in its folder (e.g. ``figures/``).
+    there; "–" where a run lacks one) with the dataset each run was evaluated on, notes naming
+    the runs without ``results.json`` and warning when the datasets differ, mean ± std over seeds
+    for runs that differ only in their (distinct) seeds, the config keys that differ, training
+    curves from ``metrics.jsonl``, each ``results.json`` side by side, and per run its
+    ``config.yaml`` (collapsible) and every PNG found in its folder (e.g. ``figures/``).
+
+    The same folder given twice (after resolving ``..`` and links) is a ValueError.
 
     Parameters
     ----------
@@ -354,6 +449,7 @@ def write_html_report(run_dirs: Sequence[str | os.PathLike], out_path: str | os.
         run_dirs = [run_dirs]
     if not run_dirs:
         raise ValueError("write_html_report needs at least one run folder")
+    _refuse_repeats(run_dirs)
     out = Path(out_path)
     if out.is_dir():
         raise ValueError(f"{out} is a folder; give the HTML file to write, e.g. {out / 'report.html'}")
