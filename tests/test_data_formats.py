@@ -144,3 +144,99 @@ def test_sun397_layout(tmp_path):
     assert tr.targets().tolist() == [0, 1]
     with pytest.raises(FileNotFoundError, match="Testing_01.txt"):
         build_dataset("sun397", "test", root=tmp_path)
+
+
+def test_sixteen_bit_and_float_grey_images_are_scaled_not_clipped(tmp_path):
+    from e2kd.data.files import read_image
+
+    raw = (np.arange(12 * 10, dtype=np.int64).reshape(10, 12) * 550).astype(np.uint16)  # 0 .. 65450
+    Image.fromarray(raw).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")  # a 16-bit grey PNG, not an 8-bit one
+    want = np.rint(raw.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    img = read_image(tmp_path / "deep.png")
+    assert img.shape == (3, 10, 12) and img.dtype == torch.uint8
+    assert torch.equal(img[0], torch.from_numpy(want)) and torch.equal(img[1], img[0]) and torch.equal(img[2], img[0])
+    assert int(img[0, 0, 1]) == 2 and int(img[0, 9, 11]) == 255  # 550 -> 2.14, 65450 -> 254.67
+    # Through a dataset: [0, 1] floats, so the image is not all white.
+    (tmp_path / "f" / "train" / "a").mkdir(parents=True)
+    Image.fromarray(raw).save(tmp_path / "f" / "train" / "a" / "x.png")
+    ds = build_dataset("imagefolder", "train", root=tmp_path / "f")
+    assert torch.allclose(ds[0]["image"][0], torch.from_numpy(want).float() / 255)
+    # 32-bit integer (mode I) holding 16-bit values: scaled the same way.
+    Image.fromarray(raw.astype(np.int32)).save(tmp_path / "deep32.tif")
+    assert torch.equal(read_image(tmp_path / "deep32.tif")[0], torch.from_numpy(want))
+    Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)).save(tmp_path / "wide32.tif")
+    with pytest.raises(ValueError, match=r"wide32\.tif.*16-bit values 0\.\.65535 \(this one spans 70000 \.\. 70000\)"):
+        read_image(tmp_path / "wide32.tif")
+    # Float (mode F) in [0, 1]: v * 255.
+    f = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    Image.fromarray(f).save(tmp_path / "float.tif")
+    assert read_image(tmp_path / "float.tif", mode="L")[0].tolist() == np.rint(f * 255).astype(np.uint8).tolist()
+    Image.fromarray(f * 3).save(tmp_path / "float3.tif")
+    with pytest.raises(ValueError, match=r"float3\.tif.*values in \[0, 1\] \(this one spans 0 \.\. 3\)"):
+        read_image(tmp_path / "float3.tif")
+
+
+def test_class_folders_without_images_are_errors(folder):
+    (folder / "train" / "empty").mkdir()
+    junk = folder / "train" / "__MACOSX"
+    junk.mkdir()
+    (junk / "._d0.png").write_bytes(b"resource fork")
+    with pytest.raises(FileNotFoundError, match=r"2 class folder\(s\) of .*train hold no images: \['__MACOSX', 'empty'\]"
+                       r".*delete these folders"):
+        build_dataset("imagefolder", "train", root=folder)
+
+
+def test_broken_symlinks_are_counted_in_the_skipped_warning(folder):
+    (folder / "train" / "dog" / "d9.png").symlink_to(folder / "gone" / "d9.png")
+    (folder / "train" / "moved").symlink_to(folder / "gone_class")  # a class folder that is not there
+    with pytest.warns(UserWarning) as rec:
+        ds = build_dataset("imagefolder", "train", root=folder)
+    msg = " ".join(str(w.message) for w in rec)
+    assert "skipped 2 non-image file(s)" in msg
+    assert "2 broken symbolic link(s) whose target does not exist" in msg
+    assert f"d9.png -> {folder / 'gone' / 'd9.png'}" in msg and f"moved -> {folder / 'gone_class'}" in msg
+    assert len(ds) == 5 and ds.class_names == ["cat", "dog"]
+
+
+def _sun(tmp_path, names="/a/abbey\n/b/beach\n"):
+    (tmp_path / "ClassName.txt").write_text(names)
+    for cls, n in (("a/abbey", 2), ("b/beach", 1)):
+        for k in range(n):
+            _png(tmp_path / cls / f"sun_{k}.jpg", (k, 0, 0), size=(6, 6))
+
+
+def test_sun397_keys_without_leading_slash_and_missing_class_folders(tmp_path):
+    _sun(tmp_path, names="a/abbey\nb/beach/\n")
+    (tmp_path / "Partitions").mkdir()
+    (tmp_path / "Partitions" / "Training_01.txt").write_text("/a/abbey/sun_1.jpg\nb/beach/sun_0.jpg\n")
+    tr = build_dataset("sun397", "train", root=tmp_path, image_size=4)
+    assert tr.class_names == ["abbey", "beach"] and tr.targets().tolist() == [0, 1]
+    assert [p.relative_to(tmp_path).as_posix() for p in tr.paths] == ["a/abbey/sun_1.jpg", "b/beach/sun_0.jpg"]
+    assert build_dataset("sun397", "all", root=tmp_path, image_size=4).targets().tolist() == [0, 0, 1]
+    (tmp_path / "ClassName.txt").write_text("/a/abbey\n/b/beach\n/c/castle\n/d/dock\n")
+    with pytest.raises(FileNotFoundError, match=r"2 of the 4 class folders listed in .*ClassName.txt are missing under "
+                       r".*c/castle', '.*d/dock'\]; unpack the whole SUN397 archive"):
+        build_dataset("sun397", "all", root=tmp_path)
+    (tmp_path / "ClassName.txt").write_text("/a/abbey\nbeach\n")
+    with pytest.raises(ValueError, match=r"ClassName.txt line 2 is 'beach'; each line names a class folder as /<letter>/<class>"):
+        build_dataset("sun397", "all", root=tmp_path)
+    (tmp_path / "ClassName.txt").write_text("/a/abbey\n")
+    with pytest.raises(ValueError, match=r"/b/beach/sun_0.jpg is in no class of .*ClassName.txt \(its folder /b/beach"):
+        build_dataset("sun397", "train", root=tmp_path)
+
+
+def test_waterbirds_missing_images_and_empty_split_are_errors_when_built(tmp_path):
+    rows = ["img_id,img_filename,y,split,place"]
+    for i in range(5):
+        fn = f"001.Bird/img_{i}.jpg"
+        if i < 2:
+            _png(tmp_path / fn, (i, 0, 0))
+        rows.append(f"{i},{fn},0,0,0")
+    (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"3 of the 5 train images listed in .*metadata.csv are missing, e.g. "
+                       r"\['.*001.Bird/img_2.jpg', '.*img_3.jpg', '.*img_4.jpg'\]"):
+        build_dataset("waterbirds", "train", root=tmp_path)
+    with pytest.raises(ValueError, match=r"no rows of split 'val' \(column split = 1\)"):
+        build_dataset("waterbirds", "val", root=tmp_path)

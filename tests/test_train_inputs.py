@@ -261,3 +261,72 @@ def test_a_vit_built_for_another_image_size_is_refused_before_training(tmp_path)
     with pytest.raises(ValueError, match=r"set teacher\.kwargs\.img_size=20 and a patch_size that divides it "
                                          r"\(teacher\.kwargs\.patch_size; now 16\), or data\.image_size=28$"):
         check_image_size(fitted, (20, 20), kwargs_key="teacher.kwargs")
+
+
+def _image_classes(split_dir, classes, per_class=2, sizes=((12, 10),)):
+    from PIL import Image
+
+    for c, cls in enumerate(classes):
+        d = split_dir / cls
+        d.mkdir(parents=True)
+        for k in range(per_class):
+            Image.new("RGB", sizes[k % len(sizes)], (40 * c, 10 * k, 0)).save(d / f"{k}.png")
+
+
+def _folder_run(tmp_path, **extra):
+    return _distill(tmp_path, **{"data.name": "imagefolder", "data.root": str(tmp_path / "data"),
+                                 "data.eval_split": "val", "data.kwargs": {}, "data.eval_kwargs": {},
+                                 "teacher.name": "resnet8_small", "teacher.kwargs": {"width": 4}, **extra})
+
+
+def test_train_and_eval_splits_with_other_class_folders_are_refused(tmp_path, tiny_teacher):
+    from e2kd.train.batches import build_datasets
+
+    _image_classes(tmp_path / "data" / "train", ["n01", "n02", "n03", "n05"])
+    _image_classes(tmp_path / "data" / "val", ["n01", "n03", "n04", "n05"])
+    cfg = _folder_run(tmp_path, **{"teacher.checkpoint": str(tiny_teacher / "model.safetensors")})
+    msg = (r"training split 'train' has 4 classes and the evaluation split 'val' has 4, and they differ "
+           r"\(only in 'train': \['n02'\]; only in 'val': \['n04'\]\).*Give both splits the same class folders")
+    with pytest.raises(ValueError, match=msg):
+        build_datasets(cfg)
+    _fails_before_training(tmp_path, cfg, ValueError, msg)
+    # Same folders: accepted, and the labels agree.
+    (tmp_path / "data" / "val" / "n04").rename(tmp_path / "data" / "val" / "n02")
+    ds = build_datasets(cfg)
+    assert ds["train"].class_names == ds["eval"].class_names == ["n01", "n02", "n03", "n05"]
+
+
+def test_files_of_their_own_size_need_data_image_size(tmp_path):
+    from e2kd.train.batches import _collate_dicts, build_datasets
+
+    _image_classes(tmp_path / "data" / "train", ["a", "b"], sizes=((12, 10), (9, 7)))
+    _image_classes(tmp_path / "data" / "val", ["a", "b"])
+    with pytest.raises(ValueError, match=r"data.image_size=null keeps each image file's own size, but 'imagefolder' "
+                       r"split 'train' .*set data.image_size \(e.g. data.image_size=224\)"):
+        build_datasets(_folder_run(tmp_path, **{"data.image_size": None}))
+    assert build_datasets(_folder_run(tmp_path, **{"data.image_size": 8}))["train"][1]["image"].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match=r"different sizes \[\(3, 7, 9\), \(3, 10, 12\)\].*image_size"):
+        _collate_dicts([{"image": torch.zeros(3, 10, 12)}, {"image": torch.zeros(3, 7, 9)}])
+
+
+def test_a_limit_that_keeps_fewer_classes_warns(tmp_path):
+    import warnings
+
+    from e2kd.train.batches import build_datasets
+
+    _image_classes(tmp_path / "data" / "train", ["a", "b", "c"], per_class=3)
+    _image_classes(tmp_path / "data" / "val", ["a", "b", "c"], per_class=2)
+    cfg = _folder_run(tmp_path, **{"data.image_size": 8, "data.limit": 4, "data.eval_limit": 3})
+    with pytest.warns(UserWarning) as rec:
+        ds = build_datasets(cfg)
+    msgs = [str(w.message) for w in rec]
+    assert ("data.limit=4 keeps the first 4 images of 'imagefolder' split 'train', which hold 2 of its 3 classes "
+            "(the split is ordered by class); results cover those classes only. Raise data.limit (or set it to "
+            "null) to cover every class") in msgs
+    assert any(m.startswith("data.eval_limit=3 keeps the first 3 images of 'imagefolder' split 'val', which hold "
+                            "2 of its 3 classes") for m in msgs)
+    # The items taken are still the first N (recorded runs depend on them).
+    assert ds["train"].source_indices.tolist() == [0, 1, 2, 3] and ds["train"].targets().tolist() == [0, 0, 0, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_datasets(_folder_run(tmp_path, **{"data.image_size": 8, "data.limit": 7, "data.eval_limit": 5}))

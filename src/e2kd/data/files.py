@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -17,17 +18,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 def read_image(path: str | Path, *, mode: str = "RGB") -> torch.Tensor:
     """Read an image file as uint8 (C, H, W).
 
+    Grey images of more than 8 bits are scaled to 8 bits before the conversion to ``mode``
+    (PIL's own conversion would clip them, so most pixels would read as white): 16-bit
+    (modes ``I;16*``) as ``round(v · 255 / 65535)``; 32-bit integer (mode ``I``, what 16-bit
+    PNG and TIFF files may open as) the same way when every value lies in 0..65535; 32-bit
+    float (mode ``F``) as ``round(v · 255)`` when every value lies in [0, 1].
+
     Raises
     ------
     ValueError
-        Naming the file when it is truncated, corrupt or not an image.
+        Naming the file when it is truncated, corrupt or not an image, or when a 32-bit image
+        holds values outside the ranges above.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert(mode), dtype=np.uint8)
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                src_mode, arr = im.mode, np.asarray(im)
+            else:
+                src_mode, arr = None, np.asarray(im.convert(mode), dtype=np.uint8)
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -35,26 +46,62 @@ def read_image(path: str | Path, *, mode: str = "RGB") -> torch.Tensor:
             f"cannot read image {path} ({err}): the file is truncated, corrupt or not an image; "
             "replace or delete it"
         ) from err
+    if src_mode is not None:
+        grey = _deep_grey_to_uint8(arr, src_mode, path)
+        arr = grey if mode == "L" else np.asarray(Image.fromarray(grey, mode="L").convert(mode), dtype=np.uint8)
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
+def _deep_grey_to_uint8(arr: np.ndarray, src_mode: str, path) -> np.ndarray:
+    """A grey image of PIL mode ``I;16*``, ``I`` or ``F`` scaled to uint8 (see read_image)."""
+    if src_mode == "F":
+        a = arr.astype(np.float64)
+        if not np.isfinite(a).all() or (a.size and (a.min() < 0 or a.max() > 1)):
+            lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0.0, 0.0)
+            raise ValueError(
+                f"cannot read image {path}: a 32-bit float image must hold values in [0, 1] "
+                f"(this one spans {lo:g} .. {hi:g}); save it as an 8- or 16-bit image"
+            )
+        return np.rint(a * 255.0).astype(np.uint8)
+    a = arr.astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise ValueError(
+            f"cannot read image {path}: a 32-bit integer image must hold 16-bit values 0..65535 "
+            f"(this one spans {int(a.min())} .. {int(a.max())}); save it as an 8- or 16-bit image"
+        )
+    return ((a * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def scan_images(folder: Path, *, recursive: bool = False) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) of ``folder``, sorted; hidden files are ignored."""
+    """(image files, other files) of ``folder``, sorted; hidden files are ignored. Broken
+    symbolic links are among the other files (so :func:`warn_skipped` counts them)."""
     it = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in it if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    files = sorted(
+        p for p in it if not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists()))
+    )
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and p.exists()]
+    keep = set(images)
+    return images, [p for p in files if p not in keep]
 
 
 def warn_skipped(skipped: Sequence[Path], where: str) -> None:
-    """One warning that counts the non-image files left out."""
-    if skipped:
-        warnings.warn(
-            f"{where}: skipped {len(skipped)} non-image file(s) (e.g. {skipped[0].name!r}); "
-            f"image extensions are {', '.join(IMAGE_EXTENSIONS)}",
-            stacklevel=3,
+    """One warning that counts the files left out: non-image files, and broken symbolic links
+    (named apart, with their missing targets)."""
+    if not skipped:
+        return
+    broken = [p for p in skipped if p.is_symlink() and not p.exists()]
+    other = [p for p in skipped if not (p.is_symlink() and not p.exists())]
+    parts = []
+    if other:
+        parts.append(
+            f"{len(other)} non-image file(s) (e.g. {other[0].name!r}; image extensions are {', '.join(IMAGE_EXTENSIONS)})"
         )
+    if broken:
+        shown = ", ".join(f"{p} -> {os.readlink(p)}" for p in broken[:3])
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        parts.append(f"{len(broken)} broken symbolic link(s) whose target does not exist ({shown}{more}); fix or delete them")
+    warnings.warn(f"{where}: skipped {' and '.join(parts)}", stacklevel=3)
 
 
 def list_images(folder: Path, *, recursive: bool = False, what: str = "") -> list[Path]:

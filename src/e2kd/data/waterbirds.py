@@ -2,7 +2,8 @@
 
 ``root/metadata.csv`` with the columns ``img_id, img_filename, y, split, place`` (split 0 =
 train, 1 = val, 2 = test; y 1 = water bird; place 1 = water background) and the images at
-``root/<img_filename>``. group = 2·y + place, as in group_DRO.
+``root/<img_filename>``. group = 2·y + place, as in group_DRO. Every listed image of the
+split is checked to exist when the dataset is built.
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ def waterbirds(root, split: str, *, image_size=224, transform=None) -> FileImage
                 paths.append(root / row["img_filename"])
                 ys.append(y)
                 groups.append(2 * y + place)
+    if not paths:
+        raise ValueError(
+            f"waterbirds: {meta} has no rows of split {split!r} (column split = {_SPLITS[split]}); "
+            "use group_DRO's metadata.csv, which lists train (0), val (1) and test (2) images"
+        )
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"waterbirds: {len(missing)} of the {len(paths)} {split} images listed in {meta} are missing, e.g. "
+            f"{[str(p) for p in missing[:3]]}; img_filename is read relative to root ({root}): unpack the images "
+            "there (the folders named in img_filename, e.g. 001.Black_footed_Albatross/)"
+        )
     return FileImageDataset(
         paths=paths, labels=torch.tensor(ys, dtype=torch.long), class_names=CLASS_NAMES,
         groups=torch.tensor(groups, dtype=torch.long), group_names=GROUP_NAMES, image_size=image_size,

@@ -14,6 +14,7 @@ go through a ``DataLoader`` with workers and pinned memory.
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -28,23 +29,59 @@ __all__ = ["build_datasets", "TrainStream", "eval_batches", "place_on_device", "
 ON_DEVICE_FRACTION = 0.25
 
 
-def _build(name: str, split: str, *, root, image_size, seed, shots=None, val_per_class=0, limit=None, kwargs=None):
+def _build(
+    name: str, split: str, *, root, image_size, seed, shots=None, val_per_class=0, limit=None, kwargs=None,
+    limit_field="data.limit",
+):
     from ..data import build_dataset
+    from ..data.files import FileImageDataset
 
     kw = dict(kwargs or {})
     ds = build_dataset(
         name, split, root=root, image_size=image_size, seed=seed, shots=shots, val_per_class=val_per_class or None, **kw
     )
+    if isinstance(ds, FileImageDataset) and ds.image_shape is None:
+        raise ValueError(
+            f"data.image_size=null keeps each image file's own size, but {name!r} split {split!r} is read from "
+            "files whose sizes may differ, and a batch needs images of one size; set data.image_size "
+            "(e.g. data.image_size=224)"
+        )
     if limit is not None and limit < len(ds):
         if not hasattr(ds, "subset"):
             raise ValueError(f"data limit needs a dataset with subset(); {name} has none")
         sampling = getattr(ds, "sampling", None)
+        full = _classes_present(ds)
+        # The first ``limit`` items, as recorded runs took them (not a per-class draw).
         ds = ds.subset(torch.arange(limit), name=getattr(ds, "name", name))
         if sampling is not None:
             ds.sampling = dict(sampling, n=len(ds), limit=limit)
+        kept = _classes_present(ds)
+        if full is not None and kept is not None and len(kept) < len(full):
+            warnings.warn(
+                f"{limit_field}={limit} keeps the first {limit} images of {name!r} split {split!r}, which hold "
+                f"{len(kept)} of its {len(full)} classes (the split is ordered by class); results cover those "
+                f"classes only. Raise {limit_field} (or set it to null) to cover every class",
+                stacklevel=3,
+            )
     if len(ds) == 0:
         raise ValueError(f"dataset {name!r} split {split!r} is empty; check data.root / data.shots / data.limit")
     return ds
+
+
+def _classes_present(ds) -> Optional[set]:
+    """The classes with at least one labelled image in ``ds``; None when it has no targets()
+    or no labels (unlabelled images are -1)."""
+    targets = getattr(ds, "targets", None)
+    if not callable(targets):
+        return None
+    t = targets()
+    if not torch.is_tensor(t):
+        return None
+    if t.dim() == 2:  # multi-hot
+        present = set(torch.nonzero(t.sum(0) > 0).flatten().tolist())
+    else:
+        present = set(t[t >= 0].unique().tolist())
+    return present or None
 
 
 def build_datasets(cfg: ExperimentConfig) -> Dict[str, object]:
@@ -64,8 +101,35 @@ def build_datasets(cfg: ExperimentConfig) -> Dict[str, object]:
         seed=seed,
         kwargs=d.eval_kwargs if d.eval_name else dict(d.kwargs, **d.eval_kwargs),
     )
-    out["eval"] = _build(eval_name, d.eval_split, limit=d.eval_limit, **eval_common)
+    out["eval"] = _build(eval_name, d.eval_split, limit=d.eval_limit, limit_field="data.eval_limit", **eval_common)
+    if eval_name == d.name:
+        _check_same_classes(d, out["train"], out["eval"])
     return out
+
+
+def _check_same_classes(d, train, ev) -> None:
+    """Train and evaluation splits of one dataset must name the same classes in the same order:
+    folder datasets number each split's own sorted class folders, so a class present in one
+    split only shifts the labels of every class after it."""
+    a, b = getattr(train, "class_names", None), getattr(ev, "class_names", None)
+    if a is None or b is None or list(a) == list(b):
+        return
+    a, b = list(a), list(b)
+    only_train = [c for c in a if c not in set(b)]
+    only_eval = [c for c in b if c not in set(a)]
+
+    def show(names):
+        return f"{names[:10]}{f' and {len(names) - 10} more' if len(names) > 10 else ''}"
+
+    if only_train or only_eval:
+        what = f"only in {d.train_split!r}: {show(only_train)}; only in {d.eval_split!r}: {show(only_eval)}"
+    else:
+        what = f"the same {len(a)} classes in another order ({d.train_split!r}: {show(a)}; {d.eval_split!r}: {show(b)})"
+    raise ValueError(
+        f"data {d.name!r}: the training split {d.train_split!r} has {len(a)} classes and the evaluation split "
+        f"{d.eval_split!r} has {len(b)}, and they differ ({what}); each split numbers its own classes, so the "
+        "evaluation labels would not match the training labels. Give both splits the same class folders"
+    )
 
 
 def _in_memory(ds, flag: Optional[bool]) -> bool:
@@ -95,6 +159,12 @@ def place_on_device(ds, flag: Optional[bool], device: torch.device, in_memory: O
 
 
 def _collate_dicts(samples: List[dict]) -> dict:
+    shapes = sorted({tuple(s["image"].shape) for s in samples if "image" in s})
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images of one batch have different sizes {shapes[:4]}; a batch needs one size: build the dataset "
+            "with an image_size (data.image_size in a run config)"
+        )
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 

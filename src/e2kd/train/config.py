@@ -83,14 +83,17 @@ class DataConfig:
 
     name: str = "fashion_mnist"
     root: Optional[str] = None
-    image_size: Optional[int] = None
+    image_size: Optional[int] = None  # None: the dataset's own size (required for imagefolder: files differ in size)
     train_split: str = "train"
     eval_split: str = "test"
     shots: Optional[int] = None  # images per class drawn (seeded) from the training split
     seed: Optional[int] = None  # seed of the dataset generation and shot selection; None: the run's seed
     val_per_class: int = 0  # images per class held out of train for validation
-    limit: Optional[int] = None  # first N training images (smoke runs)
-    eval_limit: Optional[int] = None  # first N evaluation images
+    # First N training / evaluation images (smoke runs): the first N in the split's order, not a
+    # per-class draw, so on a split ordered by class (image folders, SUN397) they may hold a few
+    # classes only; a warning then says how many of the split's classes they hold.
+    limit: Optional[int] = None
+    eval_limit: Optional[int] = None
     eval_name: Optional[str] = None  # "distil on A, evaluate on B": B's dataset name
     eval_root: Optional[str] = None
     augment: Augment = Augment.flip
