@@ -249,6 +249,19 @@ def test_contrast_weights_by_hand():
     assert torch.equal(contrast_weights(torch.tensor([1]), torch.zeros(1, 2)), torch.tensor([[-1.0, 1.0]]))
     with pytest.raises(ValueError, match="at least 2 classes"):
         contrast_weights(torch.tensor([0]), torch.zeros(1, 1))
+    w64 = contrast_weights(torch.tensor([0]), torch.zeros(1, 4, dtype=torch.float64))
+    assert w64.dtype == torch.float64 and w64[0, 1].item() == -1 / 3  # exactly, not float32's -0.33333334
+
+
+def test_l1_loss_refuses_masks_that_are_not_binary_as_energy_loss_does():
+    from e2kd.guidance import energy_loss, l1_loss
+
+    a, m = torch.rand(2, 4, 4), (torch.rand(2, 4, 4) > 0.5).float()
+    for fn in (l1_loss, energy_loss):
+        with pytest.raises(ValueError, match=r"(l1_loss|energy_pointing_game): masks must be binary \(0/1 entries\)"):
+            fn(a, 0.5 * m)
+    with pytest.raises(ValueError, match="l1_loss: attributions .* differ in shape"):
+        l1_loss(a, m[:, :2])
 
 
 def test_contrast_guidance_charges_the_other_class_evidence_by_hand():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .explain.base import Explainer, create
-from .metrics.localisation import as_attribution_maps, energy_pointing_game
+from .metrics.localisation import _pair, as_attribution_maps, energy_pointing_game
 
 __all__ = ["GuidanceLoss", "energy_loss", "l1_loss", "contrast_weights", "GUIDANCE_KINDS"]
 
@@ -72,14 +72,7 @@ def l1_loss(attributions: torch.Tensor, masks: torch.Tensor, eps: float = 1e-12)
     -------
     Tensor, shape (N,)
     """
-    a = as_attribution_maps(attributions, "l1_loss")
-    m = as_attribution_maps(masks, "l1_loss", "masks")
-    if a.shape != m.shape:
-        raise ValueError(
-            f"l1_loss: attributions {tuple(a.shape)} and masks {tuple(m.shape)} differ in shape; explain at the "
-            "image resolution or resize the masks"
-        )
-    m = m.to(device=a.device, dtype=a.dtype)
+    a, m = _pair(attributions, masks, "l1_loss")  # same shape, binary masks (as energy_loss checks them)
     pos = a.clamp_min(0).flatten(1)
     norm = pos / pos.amax(dim=1, keepdim=True).clamp_min(eps)
     return (norm - m.flatten(1)).abs().mean(dim=1)
@@ -98,7 +91,7 @@ def contrast_weights(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     labels = labels.reshape(-1).long().to(logits.device)
     if labels.numel() != batch:
         raise ValueError(f"contrast_weights: {labels.numel()} labels for {batch} rows of logits")
-    onehot = F.one_hot(labels, classes).float()
+    onehot = F.one_hot(labels, classes).to(logits.dtype if logits.is_floating_point() else torch.float32)
     return onehot - (1.0 - onehot) / (classes - 1)
 
 

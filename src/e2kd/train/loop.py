@@ -499,6 +499,13 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     if cfg.compile:
         net = torch.compile(net)
     if info.enabled:
+        if info.is_main and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            print(
+                f"note: {type(model).__name__} has batch-norm layers: under DDP each of the {info.world_size} processes "
+                "normalises with the statistics of its own share of the batch (running statistics come from rank 0), "
+                "so the run differs from one process on the whole batch",
+                file=sys.stderr,
+            )
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     distiller = None
     if mode == "distill":
