@@ -1,12 +1,15 @@
 """The real on-disk formats (ImageFolder/ImageNet, Waterbirds, Pascal VOC, SUN397) on tiny
 fixtures written here in the same layouts; bad files give clear errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from e2kd.data import build_dataset
+from e2kd.data.voc import VOC_CLASSES
 
 
 def _png(path, colour, size=(12, 10)):
@@ -240,3 +243,58 @@ def test_waterbirds_missing_images_and_empty_split_are_errors_when_built(tmp_pat
         build_dataset("waterbirds", "train", root=tmp_path)
     with pytest.raises(ValueError, match=r"no rows of split 'val' \(column split = 1\)"):
         build_dataset("waterbirds", "val", root=tmp_path)
+
+
+def _fake_vocdevkit(parent, year="2007", splits=("trainval", "test")):
+    base = parent / "VOCdevkit" / f"VOC{year}"
+    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (base / d).mkdir(parents=True)
+    for k, (name, box) in enumerate((("dog", (3, 2, 10, 6)), ("cat", (11, 5, 12, 7)))):
+        Image.new("RGB", (20, 10), (50 * k, 60, 70)).save(base / "JPEGImages" / f"{k:06d}.jpg")
+        (base / "Annotations" / f"{k:06d}.xml").write_text(_voc_xml([(name, box, 0)]))
+    for split in splits:
+        (base / "ImageSets" / "Main" / f"{split}.txt").write_text("000000\n000001\n")
+    return base
+
+
+def test_voc_year_and_split_combinations_are_named(tmp_path):
+    _fake_vocdevkit(tmp_path, year="2012", splits=("train", "val", "test"))
+    # test.txt exists, but VOC2012 has no public test annotations: the message says so,
+    # not that the file is missing.
+    with pytest.raises(ValueError, match=r"VOC2012 has no split 'test'.*test annotations for 2007 only") as err:
+        build_dataset("voc", "test", root=tmp_path, year="2012")
+    assert "expected" not in str(err.value)
+    with pytest.raises(ValueError, match="year must be one of 2007, 2008, 2009, 2010, 2011, 2012, got '2013'"):
+        build_dataset("voc", "train", root=tmp_path, year="2013")
+    with pytest.raises(FileNotFoundError, match=r"missing .*VOC2007.*ImageSets/Main/test.txt"):
+        build_dataset("voc", "test", root=tmp_path, year="2007")
+
+
+def test_voc_root_may_be_the_vocdevkit_folder_itself(tmp_path):
+    _fake_vocdevkit(tmp_path)
+    above = build_dataset("voc", "test", root=tmp_path, year="2007", image_size=(10, 20))
+    inside = build_dataset("voc", "test", root=tmp_path / "VOCdevkit", year="2007", image_size=(10, 20))
+    assert len(above) == len(inside) == 2
+    assert [str(p) for p in inside.paths] == [str(p) for p in above.paths]
+    assert inside[1]["label"].nonzero().flatten().tolist() == [VOC_CLASSES.index("cat")]
+    # The annotation files are read when the dataset is built: a frozen store's identity
+    # covers them with the images (2 images + 2 XML files).
+    from e2kd.frozen import dataset_fingerprint
+
+    assert dataset_fingerprint(above)["files"]["count"] == 4
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[1] / "configs" / "voc").glob("*.yaml")))
+def test_shipped_voc_configs_open_the_standard_layout(tmp_path, monkeypatch, config):
+    # The configs name root "data" relative to the working folder: data/VOCdevkit/VOC2007.
+    from e2kd.train.batches import build_datasets
+    from e2kd.train.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "voc" / config)
+    assert cfg.data.kwargs["year"] == "2007" and cfg.data.eval_split == "test"
+    _fake_vocdevkit(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    data = build_datasets(load_config(Path(__file__).parents[1] / "configs" / "voc" / config,
+                                      ["data.image_size=16", "num_workers=0"]))
+    assert len(data["train"]) == 2 and len(data["eval"]) == 2
+    assert data["eval"][0]["mask"].shape == (20, 16, 16)

@@ -52,9 +52,65 @@ def test_low_resolution_map_follows_the_same_relative_crop():
     s = _sample()
     s["teacher_maps"] = torch.arange(16.0).view(1, 4, 4)
     out = JointTransform(size=8).apply(s, CropFlip(0.0, 0.5, 1.0, 0.5, True))
-    # Right half of the 4x4 map (columns 2,3), flipped, kept at the map's relative size 4x4.
-    want = F.interpolate(s["teacher_maps"][None, :, :, 2:], size=(4, 4), mode="bilinear", align_corners=False)[0].flip(-1)
-    assert torch.allclose(out["teacher_maps"], want)
+    # Right half of the image, flipped; the map keeps its relative size 4x4. Output map
+    # column j covers map columns [2 + j/2, 2.5 + j/2), centre 2.25 + j/2, i.e. pixel-centre
+    # coordinate 1.75, 2.25, 2.75, 3.25 (the last held at column 3): each row r reads
+    # 4r + (1.75, 2.25, 2.75, 3), then the flip reverses it.
+    row = torch.tensor([1.75, 2.25, 2.75, 3.0])
+    want = (4 * torch.arange(4.0)[:, None] + row).flip(-1)[None]
+    assert torch.allclose(out["teacher_maps"], want, atol=1e-5)
+
+
+def _ramp_and_pooled_map(n=224, cell=32):
+    # Channel 0 holds each pixel's x centre / n, channel 1 its y centre / n: a value
+    # times n is a position in input pixels.
+    y, x = torch.meshgrid(torch.arange(n) + 0.5, torch.arange(n) + 0.5, indexing="ij")
+    img = torch.stack([x / n, y / n, torch.zeros(n, n)])
+    return img, F.avg_pool2d(img[None, :2], cell)[0]
+
+
+def test_identity_draw_leaves_a_coarse_map_unchanged():
+    img, m = _ramp_and_pooled_map()
+    out = JointTransform(size=224).apply({"image": img, "teacher_maps": m}, CropFlip(0.0, 0.0, 1.0, 1.0, False))
+    assert out["teacher_maps"].shape == (2, 7, 7)
+    assert torch.allclose(out["teacher_maps"], m, atol=1e-6)
+
+
+def test_coarse_map_stays_aligned_with_the_image_over_random_draws():
+    # A 7x7 average-pooled map of a 224x224 ramp, 200 random crop/flip draws: the moved map
+    # must match average-pooling the moved image. The error, in input pixels, is exactly 0
+    # where an output cell's centre lies between the map's outermost cell centres (bilinear
+    # reproduces a ramp); only cells centred in the outer half cell (16 px) of the map, where
+    # the map cannot resolve position, may be off, by at most those 16 px. They are rare, so
+    # the mean stays below one input pixel (this code: 0.03 px). Rounding the crop box on
+    # the map's own 7x7 grid gave a mean of 8.3 px and a maximum of 36 px.
+    img, m = _ramp_and_pooled_map()
+    t = JointTransform(size=224, scale=(0.5, 1.0))
+    g = torch.Generator().manual_seed(0)
+    errors = []
+    for _ in range(200):
+        out = t({"image": img, "teacher_maps": m}, generator=g)
+        assert out["teacher_maps"].shape == (2, 7, 7)
+        want = F.avg_pool2d(out["image"][None, :2], 32)[0]
+        errors.append((out["teacher_maps"] - want).abs() * 224)
+    errors = torch.stack(errors)
+    assert errors.mean() < 1.0, errors.mean()
+    assert errors.max() < 16.0, errors.max()
+
+
+def test_coarse_mask_is_cropped_by_the_image_box():
+    # A crop from image column 16 (left = 16/224) of a 224x224 image; a 7x7 mask whose
+    # column 0 is set. The crop keeps image columns 16..223, so the mask's first column covers
+    # output x in [0, 16/208*7) and the output cell 0 (centre at 0.5/7 of the crop, image
+    # column 30.9, inside mask column 0) keeps it, cell 1 (image column 60.6, mask column 1)
+    # does not.
+    img = torch.zeros(3, 224, 224)
+    mask = torch.zeros(1, 7, 7)
+    mask[:, :, 0] = 1
+    out = JointTransform().apply({"image": img, "mask": mask}, CropFlip(0.0, 16 / 224, 1.0, 208 / 224, False))
+    assert out["mask"].shape == (1, 7, 7)
+    assert out["mask"][0, :, 0].tolist() == [1.0] * 7
+    assert out["mask"][0, :, 1:].sum().item() == 0.0
 
 
 def test_random_draws_keep_mask_on_object():

@@ -133,12 +133,28 @@ def test_mask_moves_with_the_image():
         (dict(geometric=[v1.RandomHorizontalFlip()]), "use torchvision.transforms.v2.RandomHorizontalFlip"),
         (dict(geometric=[lambda x: x]), "not a torchvision.transforms.v2 transform"),
         (dict(geometric=[v2.RandomRotation(10, fill=1.0)]), "fill=1.0"),
+        (dict(geometric=[v2.Pad(4, padding_mode="reflect")]), "Pad has padding_mode='reflect'"),
+        (dict(geometric=[v2.Pad(4, padding_mode="edge")]), "Pad has padding_mode='edge'"),
+        (dict(geometric=[v2.Compose([v2.RandomCrop(16, padding=2, padding_mode="symmetric")])]),
+         "RandomCrop has padding_mode='symmetric'"),
     ],
 )
 def test_augmentation_that_cannot_be_mirrored_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message) as err:
         JointAugment(**kwargs)
-    assert "Allowed" in str(err.value) or "fill" in message or "v2." in message
+    assert "Allowed" in str(err.value) or "fill" in message or "v2." in message or "padding_mode" in message
+
+
+def test_reflect_padding_would_copy_evidence_and_constant_padding_is_accepted():
+    # What the refusal prevents: reflect padding repeats the map's evidence at the border in
+    # the padding; constant padding with fill=0 leaves the padding at "no evidence".
+    maps = torch.zeros(1, 8, 8)
+    maps[0, :, 1] = 1.0  # evidence next to the left border
+    assert v2.Pad(2, padding_mode="reflect")(maps)[0, :, :2].sum() > 0
+    image = torch.rand(3, 8, 8)
+    _, out_map, _ = JointAugment(geometric=[v2.Pad(2, padding_mode="constant")])(image, maps)
+    assert out_map.shape == (1, 12, 12)
+    assert out_map[0, :, :2].sum() == 0 and out_map[0, 2:10, 3].tolist() == [1.0] * 8
 
 
 def test_dataset_of_another_size_or_image_shape_is_refused(pixel_store):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -274,3 +275,33 @@ def test_frozen_run_inputs_are_checked_before_training(tmp_path, teacher, frozen
     assert "larger than" not in capsys.readouterr().err
     res = _results(tmp_path / "ok")
     assert res["num_images"] == 16 and 0.0 <= res["agreement"] <= 1.0 and "agreement_note" not in res
+
+
+def test_a_training_image_overwritten_after_freezing_is_refused_before_training(tmp_path, teacher, capsys):
+    # e2kd freeze, then one training image file gets new content, then e2kd distill with the
+    # store: the store's explanations are of the old image, so the run must not start.
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for split in ("train", "test"):
+        for c in range(4):
+            (tmp_path / "data" / split / str(c)).mkdir(parents=True)
+            for i in range(5):
+                files.append(tmp_path / "data" / split / str(c) / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(files[-1])
+    cfg = _config_file(tmp_path, teacher, **{"data.name": "imagefolder", "data.root": str(tmp_path / "data"),
+                                             "data.kwargs": {}, "data.eval_kwargs": {}})
+    store = tmp_path / "store"
+    assert main(["freeze", cfg, f"teacher.frozen={store}", "progress=false"]) == 0
+    target = files[2]  # train/0/2.png: position 2 is not among the 16 probed positions of 20
+    assert 2 not in {round(i * 19 / 15) for i in range(16)}
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(target)
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later write, whatever the clock's tick
+    capsys.readouterr()
+    assert main(["distill", cfg, f"teacher.frozen={store}", "name=stale"]) == 2
+    err = capsys.readouterr().err
+    assert "no longer matches the dataset's files" in err and "0/2.png" in err and "freeze the store again" in err, err
+    assert not (tmp_path / "stale").exists()

@@ -15,7 +15,9 @@ Two implementations with the same parameters:
   ``grid_sample`` (the fast path for in-memory datasets).
 
 A geometric draw is a crop box in relative coordinates plus a flip flag, so it applies to
-tensors of any resolution (e.g. a 7x7 map of a 224x224 image).
+tensors of any resolution (e.g. a 7x7 map of a 224x224 image). :class:`JointTransform`
+rounds the box to the image's pixels; a map or mask at another resolution is then sampled
+at the relative positions of that same box (never a box rounded on its own coarse grid).
 """
 
 from __future__ import annotations
@@ -86,6 +88,33 @@ def _out_size(size, h, w, ref_h, ref_w):
     return [max(1, round(sh * h / ref_h)), max(1, round(sw * w / ref_w))]
 
 
+def _crop_relative(x: torch.Tensor, box, ref_size, size, *, nearest: bool) -> torch.Tensor:
+    """Resized crop of ``x`` (K, h, w), a map or mask at another resolution than the image
+    (ref_h, ref_w), by the image's pixel crop box, in relative coordinates.
+
+    Rounding the box on the coarse grid of ``x`` would misplace it (a 7x7 map of a 224x224
+    image: a crop starting at image column 16 would start at map column 0, 16 image pixels
+    off). Instead each output cell samples ``x`` at the relative position of its centre
+    (``grid_sample``, ``align_corners=False``, edge values beyond the outermost centres), so
+    the identity box returns ``x`` unchanged. Where an output cell covers more than one cell
+    of ``x``, it averages k x k bilinear samples (k = the covered cells, rounded up); masks
+    take one nearest sample.
+    """
+    (top, left, ch, cw), (ref_h, ref_w) = box, ref_size
+    h, w = x.shape[-2:]
+    out_h, out_w = size
+    ky = 1 if nearest else max(1, math.ceil(ch / ref_h * h / out_h - 1e-6))
+    kx = 1 if nearest else max(1, math.ceil(cw / ref_w * w / out_w - 1e-6))
+    theta = torch.tensor([[[cw / ref_w, 0.0, (2 * left + cw) / ref_w - 1],
+                           [0.0, ch / ref_h, (2 * top + ch) / ref_h - 1]]])
+    dtype = x.dtype
+    y = warp(x[None].float(), theta, mode="nearest" if nearest else "bilinear", size=(out_h * ky, out_w * kx),
+             padding_mode="border")
+    if ky > 1 or kx > 1:
+        y = F.avg_pool2d(y, (ky, kx))
+    return y[0].to(dtype)
+
+
 class JointTransform:
     """Random resized crop + flip applied identically to image, mask, boxes and maps;
     brightness/contrast jitter to the image only.
@@ -135,19 +164,19 @@ class JointTransform:
         img = sample["image"]
         ref_h, ref_w = img.shape[-2:]
 
+        box = params.pixels(ref_h, ref_w)  # the crop box on the image's grid, shared by all
+
         def geo(x, kind):
             h, w = x.shape[-2:]
-            top, left, ch, cw = params.pixels(h, w)
-            size = _out_size(self.size, h, w, ref_h, ref_w)
-            if kind == "mask":
-                x = TF.resized_crop(tv_tensors.Mask(x), top, left, ch, cw, size, interpolation=InterpolationMode.NEAREST)
-            elif kind == "image":
-                mode = InterpolationMode.NEAREST if self.image_interpolation == "nearest" else InterpolationMode.BILINEAR
-                x = TF.resized_crop(tv_tensors.Image(x), top, left, ch, cw, size, interpolation=mode,
-                                    antialias=self.image_interpolation != "nearest")
-            else:  # a float map: bilinear, never nearest
-                x = TF.resized_crop(x.as_subclass(torch.Tensor), top, left, ch, cw, size,
-                                    interpolation=InterpolationMode.BILINEAR, antialias=True)
+            nearest = kind == "mask" or (kind == "image" and self.image_interpolation == "nearest")
+            mode = InterpolationMode.NEAREST if nearest else InterpolationMode.BILINEAR
+            if kind != "image" and (h, w) != (ref_h, ref_w):
+                x = _crop_relative(x.as_subclass(torch.Tensor), box, (ref_h, ref_w),
+                                   _out_size(self.size, h, w, ref_h, ref_w), nearest=nearest)
+            else:
+                x = {"mask": tv_tensors.Mask, "image": tv_tensors.Image}.get(kind, torch.Tensor)(x)
+                x = TF.resized_crop(x, *box, _out_size(self.size, h, w, ref_h, ref_w), interpolation=mode,
+                                    antialias=not nearest)
             if params.flip:
                 x = TF.horizontal_flip(x)
             return x.as_subclass(torch.Tensor)
@@ -168,10 +197,9 @@ class JointTransform:
             if k in sample and sample[k] is not None:
                 out[k] = geo(sample[k], "map")
         if "boxes" in sample:
-            top, left, ch, cw = params.pixels(ref_h, ref_w)
             size = _out_size(self.size, ref_h, ref_w, ref_h, ref_w)
             boxes = tv_tensors.BoundingBoxes(sample["boxes"], format="XYXY", canvas_size=(ref_h, ref_w))
-            boxes = TF.resized_crop(boxes, top, left, ch, cw, size)
+            boxes = TF.resized_crop(boxes, *box, size)
             if params.flip:
                 boxes = TF.horizontal_flip(boxes)
             out["boxes"] = boxes.as_subclass(torch.Tensor)

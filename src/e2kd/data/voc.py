@@ -1,6 +1,9 @@
 """Pascal VOC as multi-label classification with boxes, through torchvision's VOC reader.
 
-``root`` holds ``VOCdevkit/VOC<year>/{JPEGImages, Annotations, ImageSets/Main/<split>.txt}``.
+``root`` holds ``VOCdevkit/VOC<year>/{JPEGImages, Annotations, ImageSets/Main/<split>.txt}``
+(``root`` may also be that ``VOCdevkit`` folder itself). The splits are train, val and trainval
+for every year 2007-2012, plus test for 2007 only: the test annotations of the later years were
+never published.
 Each sample has a multi-hot ``label`` over the 20 classes (every annotated object; with
 ``skip_difficult=True`` objects marked difficult are left out) and ``mask`` (20, S, S): the
 union of each class's boxes rasterised, in the frame of the resized image (VOC images are
@@ -41,19 +44,38 @@ def rasterise_boxes(boxes: torch.Tensor, labels: torch.Tensor, num_classes: int,
     return m
 
 
+_YEARS = tuple(str(y) for y in range(2007, 2013))
+
+
 def voc(root, split: str, *, year: str = "2012", image_size=224, skip_difficult: bool = False, transform=None):
-    """VOC ``split`` ("train", "val", "trainval", "test") as a multi-label dataset."""
+    """VOC ``split`` ("train", "val", "trainval"; "test" with year 2007) as a multi-label dataset."""
     from torchvision.datasets import VOCDetection
 
     if root is None:
         raise ValueError("voc reads data from disk: pass root= the folder holding VOCdevkit/")
-    try:
-        det = VOCDetection(str(root), year=str(year), image_set=split, download=False)
-    except (RuntimeError, ValueError, FileNotFoundError) as err:
+    year = str(year)
+    if year not in _YEARS:
+        raise ValueError(f"voc: year must be one of {', '.join(_YEARS)}, got {year!r}")
+    splits = ("train", "val", "trainval", "test") if year == "2007" else ("train", "val", "trainval")
+    if split not in splits:
+        hint = (" (VOC has public test annotations for 2007 only: set year 2007 to evaluate on its test split, "
+                "or evaluate on val)" if split == "test" else "")
+        raise ValueError(f"voc: VOC{year} has no split {split!r}; its splits are {', '.join(splits)}{hint}")
+    root = Path(root)
+    if root.name == "VOCdevkit" and (root / f"VOC{year}").is_dir() and not (root / "VOCdevkit").is_dir():
+        root = root.parent  # root named the VOCdevkit folder itself
+    base = root / "VOCdevkit" / f"VOC{year}"
+    need = [base / "ImageSets" / "Main" / f"{split}.txt", base / "JPEGImages", base / "Annotations"]
+    missing = [str(p) for p in need if not p.exists()]
+    if missing:
         raise FileNotFoundError(
-            f"voc: cannot open VOC{year} {split!r} under {Path(root) / 'VOCdevkit'} ({err}); expected "
-            f"VOCdevkit/VOC{year}/ImageSets/Main/{split}.txt, JPEGImages/ and Annotations/"
-        ) from err
+            f"voc: cannot open VOC{year} {split!r} under {root}: missing {', '.join(missing)}; root must hold "
+            f"VOCdevkit/VOC{year}/ with ImageSets/Main/{split}.txt, JPEGImages/ and Annotations/"
+        )
+    try:
+        det = VOCDetection(str(root), year=year, image_set=split, download=False)
+    except (RuntimeError, ValueError, OSError) as err:
+        raise FileNotFoundError(f"voc: cannot open VOC{year} {split!r} under {base}: {err}") from err
     index = {c: k for k, c in enumerate(VOC_CLASSES)}
     labels, all_boxes = [], []
     for p in det.annotations:
@@ -84,6 +106,7 @@ def voc(root, split: str, *, year: str = "2012", image_size=224, skip_difficult:
         mask_fn=mask_fn, name=f"voc{year}/{split}",
     )
     ds.boxes = all_boxes
+    ds.annotation_paths = list(det.annotations)  # read at construction: part of a frozen store's identity
     return ds
 
 

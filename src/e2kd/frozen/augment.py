@@ -78,6 +78,13 @@ def _check(transforms: Sequence, kind: str, allowed: Tuple[str, ...], other: Tup
                 why = f"{name} cannot be mirrored on an explanation map"
             raise ValueError(f"{kind} augmentation refused: {why}. Allowed {kind} transforms: {', '.join(allowed)}")
         if kind == "geometric":
+            mode = getattr(t, "padding_mode", "constant")
+            if mode != "constant":
+                raise ValueError(
+                    f"geometric augmentation refused: {name} has padding_mode={mode!r}, which would copy explanation "
+                    "evidence from inside the image into the padding of the map; use padding_mode='constant' with "
+                    "fill=0 (the map then reads 'no evidence' outside the image)"
+                )
             fill = getattr(t, "fill", 0)
             values = fill.values() if isinstance(fill, dict) else [fill]
             for v in values:
@@ -103,8 +110,9 @@ class JointAugment:
     size. The photometric transforms (:data:`PHOTOMETRIC`) then change the image only.
 
     Anything else (a photometric transform in the geometric list, a geometric one in the
-    photometric list, v1 transforms, lambdas, a non-zero ``fill``) is refused with a
-    ValueError at construction.
+    photometric list, v1 transforms, lambdas, a non-zero ``fill``, a ``padding_mode`` other
+    than ``"constant"``, which would mirror or repeat map values into the padding) is refused
+    with a ValueError at construction.
 
     Parameters
     ----------

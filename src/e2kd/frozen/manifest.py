@@ -128,9 +128,19 @@ def dataset_fingerprint(dataset, *, name: Optional[str] = None, split: Optional[
     hashed per shard by :func:`e2kd.frozen.freeze` as well. Subsets are recognised by an
     ``indices`` (``torch.utils.data.Subset``) or ``source_indices`` (e2kd.data) attribute.
 
+    A dataset of image files (one with a ``paths`` list, as :mod:`e2kd.data`'s file datasets
+    have, optionally ``annotation_paths`` of the same length, or a ``Subset`` of one) adds
+    every file it reads to the hash: its path relative to the files' common folder, its size
+    and its modification time (one ``stat`` per file, no reads), plus all labels
+    (``targets()``) and groups. An image overwritten after freezing then changes the identity
+    even where no probe looks. Such an identity carries a ``files`` entry (count, digest and
+    the most recently modified file); an identity without one, of an in-memory dataset, is
+    computed exactly as before.
+
     Returns
     -------
-    dict with ``id`` (``"sha256:<hex>"``), ``name``, ``split`` and ``size``.
+    dict with ``id`` (``"sha256:<hex>"``), ``name``, ``split``, ``size`` and, for a dataset
+    of files, ``files``.
     """
     size = len(dataset)
     if size == 0:
@@ -155,7 +165,66 @@ def dataset_fingerprint(dataset, *, name: Optional[str] = None, split: Optional[
             )
         h.update(f"pos={pos}|".encode())
         _sample_bytes(h, sample)
-    return {"id": "sha256:" + h.hexdigest(), "name": str(name), "split": None if split is None else str(split), "size": size}
+    ident = {"id": None, "name": str(name), "split": None if split is None else str(split), "size": size}
+    files = _source_files(dataset)
+    if files is not None:
+        if len(files) != size:
+            raise ValueError(f"dataset of {size} samples lists {len(files)} source files; cannot fingerprint its files")
+        ident["files"] = _hash_files(h, files)
+        targets = getattr(dataset, "targets", None)
+        if callable(targets):
+            _hash_tensor(h, "targets", torch.as_tensor(targets()))
+        groups = getattr(dataset, "groups", None)
+        if torch.is_tensor(groups):
+            rows = getattr(dataset, "source_indices", None)
+            _hash_tensor(h, "groups", groups if rows is None else groups[torch.as_tensor(rows, dtype=torch.long)])
+    ident["id"] = "sha256:" + h.hexdigest()
+    return ident
+
+
+def _source_files(dataset) -> Optional[list]:
+    """Per sample, the files a file-backed dataset reads (a tuple each), or None for a
+    dataset held in memory."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = _source_files(dataset.dataset)
+        return None if inner is None else [inner[int(i)] for i in dataset.indices]
+    paths = getattr(dataset, "paths", None)
+    if paths is None or isinstance(paths, (str, bytes)):
+        return None
+    columns = [list(paths)]
+    extra = getattr(dataset, "annotation_paths", None)
+    if extra is not None:
+        if len(extra) != len(columns[0]):
+            raise ValueError(f"dataset has {len(columns[0])} image files but {len(extra)} annotation files")
+        columns.append(list(extra))
+    per_row = list(zip(*columns))
+    rows = getattr(dataset, "source_indices", None)
+    if rows is not None:
+        per_row = [per_row[int(i)] for i in rows]
+    return per_row
+
+
+def _hash_files(h, files: list) -> dict:
+    """Hash path (relative to the files' common folder), size and mtime of every file."""
+    names = [os.path.abspath(os.fspath(p)) for row in files for p in row]
+    if not names:
+        return {"count": 0, "sha256": hashlib.sha256().hexdigest(), "newest": None, "newest_mtime_ns": None}
+    common = os.path.commonpath(names) if len(names) > 1 else os.path.dirname(names[0])
+    cut = len(common.rstrip(os.sep)) + 1
+    fh = hashlib.sha256()
+    newest, newest_ns = None, -1
+    for name in names:
+        try:
+            st = os.stat(name)
+        except OSError as err:
+            raise FileNotFoundError(f"dataset file {name!r} cannot be read ({err.strerror})") from None
+        rel = name[cut:]
+        fh.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        if st.st_mtime_ns > newest_ns:
+            newest, newest_ns = rel, st.st_mtime_ns
+    digest = fh.hexdigest()
+    h.update(f"files={len(names)}|{digest}|".encode())
+    return {"count": len(names), "sha256": digest, "newest": newest, "newest_mtime_ns": newest_ns}
 
 
 def _jsonable(value: Any) -> Any:

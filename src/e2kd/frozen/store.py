@@ -139,7 +139,11 @@ class FrozenStore:
                 have, want = self.teacher_id, str(want)
             elif fld == "dataset_id":
                 have = self.dataset_id
-                want = want["id"] if isinstance(want, Mapping) else str(want)
+                if isinstance(want, Mapping):
+                    self._check_files(want)
+                    want = want["id"]
+                else:
+                    want = str(want)
             elif fld == "num_classes":
                 have, want = self.num_classes, int(want)
             elif fld == "dataset_size":
@@ -162,6 +166,35 @@ class FrozenStore:
                     have,
                     want,
                 )
+
+    def _check_files(self, want: Mapping[str, Any]) -> None:
+        """Name the reason when a dataset of files no longer matches the store's."""
+        stored = self.manifest["dataset"]
+        if want.get("id") == stored.get("id") or "files" not in want:
+            return
+        if "files" not in stored:
+            raise StoreMismatchError(
+                f"frozen store {str(self.path)!r} was frozen by an earlier e2kd that identified a dataset of image files "
+                "by 16 sampled images only, so it cannot tell whether a file changed since; freeze the store again "
+                "with e2kd freeze",
+                "dataset_id",
+                stored.get("id"),
+                want.get("id"),
+            )
+        have_f, want_f = stored["files"], want["files"]
+        if have_f.get("sha256") != want_f.get("sha256"):
+            if have_f.get("count") != want_f.get("count"):
+                what = f"the store was frozen from {have_f.get('count')} files, the dataset now has {want_f.get('count')}"
+            else:
+                what = (f"a file was replaced, resized or modified (the most recently modified file is now "
+                        f"{want_f.get('newest')!r}; at freezing it was {have_f.get('newest')!r})")
+            raise StoreMismatchError(
+                f"frozen store {str(self.path)!r} no longer matches the dataset's files: {what}; its explanations "
+                "are of the old images: freeze the store again with e2kd freeze",
+                "dataset_id",
+                stored.get("id"),
+                want.get("id"),
+            )
 
     # -- shards -----------------------------------------------------------------------
     def _verify(self, s: int) -> None:

@@ -200,7 +200,7 @@ def open_store(cfg: ExperimentConfig, split: str, dataset, *, teacher_explainer,
         )
     ident = dataset_identity(cfg, split, dataset)
     store.check({"explainer": explainer_identity(teacher_explainer), "dataset_size": ident["size"]})
-    store.check({"dataset_id": ident["id"]})
+    store.check({"dataset_id": ident})
     if num_classes is not None:
         store.check({"num_classes": int(num_classes)})
     image_shape = tuple(dataset[0]["image"].shape)
