@@ -92,6 +92,75 @@ def test_waterbirds_metadata_layout(tmp_path):
         build_dataset("waterbirds", "train", root=tmp_path)
 
 
+def _waterbirds_with_cub(tmp_path):
+    """Two Waterbirds images (12 x 10) and a CUB-200-2011 folder with their boxes and masks."""
+    wb, cub = tmp_path / "wb", tmp_path / "CUB_200_2011"
+    names = ["001.Albatross/a_1.jpg", "002.Auklet/b_2.jpg"]
+    rows = ["img_id,img_filename,y,split,place"]
+    for i, n in enumerate(names):
+        _png(wb / n, (40 * i, 0, 0))
+        rows.append(f"{i},{n},{i},0,{1 - i}")
+    (wb / "metadata.csv").write_text("\n".join(rows) + "\n")
+    cub.mkdir()
+    # CUB ids need not follow the Waterbirds order; a third CUB image is not in Waterbirds
+    (cub / "images.txt").write_text(f"7 000.Other/c.jpg\n9 {names[1]}\n4 {names[0]}\n")
+    # x, y, width, height in pixels: a_1 covers columns 2..5, rows 1..3; b_2 columns 0..11, rows 6..9
+    (cub / "bounding_boxes.txt").write_text("4 2.0 1.0 4.0 3.0\n7 0 0 1 1\n9 0.0 6.0 12.0 4.0\n")
+    seg = np.zeros((10, 12), dtype=np.uint8)
+    seg[4:7, 3:9] = 255
+    seg[0, 0] = 100  # soft annotation below one half: not the bird
+    for n in names:
+        (cub / "segmentations" / n).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(seg).save(cub / "segmentations" / Path(n).with_suffix(".png"))
+    return wb, cub, names
+
+
+def test_waterbirds_masks_from_cub_boxes_and_segmentations(tmp_path):
+    wb, cub, names = _waterbirds_with_cub(tmp_path)
+    plain = build_dataset("waterbirds", "train", root=wb, image_size=(10, 12))
+    assert "mask" not in plain[0]
+    # in the image's own frame (12 x 10 pixels), before the dataset's resize and centre crop
+    ds = build_dataset("waterbirds", "train", root=wb, image_size=(10, 12), cub_root=cub)
+    want = torch.zeros(1, 10, 12)
+    want[0, 1:4, 2:6] = 1
+    assert torch.equal(ds.mask_fn(0, (10, 12)), want)
+    want = torch.zeros(1, 10, 12)
+    want[0, 6:10, :] = 1
+    assert torch.equal(ds.mask_fn(1, (10, 12)), want)
+    seg = build_dataset("waterbirds", "train", root=wb, image_size=(10, 12), cub_root=cub, masks="segmentation")
+    want = torch.zeros(1, 10, 12)
+    want[0, 4:7, 3:9] = 1
+    assert torch.equal(seg.mask_fn(0, (10, 12)), want) and torch.equal(seg.mask_fn(1, (10, 12)), want)
+    # the sample's mask is that mask through the image's own resize and centre crop
+    from e2kd.data.files import resize_center_crop
+
+    expected = (resize_center_crop(want * 255, (10, 12), crop=True) >= 127.5).float()
+    assert torch.equal(seg[0]["mask"], expected) and seg[0]["image"].shape == (3, 10, 12)
+
+
+def test_waterbirds_cub_mismatches_are_clear_errors(tmp_path):
+    wb, cub, names = _waterbirds_with_cub(tmp_path)
+    with pytest.raises(ValueError, match="masks must be 'box' or 'segmentation', got 'boxes'"):
+        build_dataset("waterbirds", "train", root=wb, cub_root=cub, masks="boxes")
+    with pytest.raises(FileNotFoundError, match=r"nowhere/images.txt not found; cub_root must be the CUB_200_2011 folder"):
+        build_dataset("waterbirds", "train", root=wb, cub_root=tmp_path / "nowhere")
+    (cub / "bounding_boxes.txt").write_text("4 2.0 1.0 40.0 3.0\n9 0.0 6.0 12.0 4.0\n")
+    ds = build_dataset("waterbirds", "train", root=wb, image_size=(10, 12), cub_root=cub)
+    with pytest.raises(ValueError, match=r"CUB box of 001.Albatross/a_1.jpg \(2, 1, 42, 4\) lies outside its 12x10"):
+        ds[0]
+    (cub / "images.txt").write_text(f"4 {names[0]}\n")
+    with pytest.raises(ValueError, match=r"1 of the 2 images are not listed in .*images.txt, e.g. \['002.Auklet/b_2.jpg'\]"):
+        build_dataset("waterbirds", "train", root=wb, cub_root=cub)
+    (cub / "images.txt").write_text(f"4 {names[0]}\n9 {names[1]}\n")
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(cub / "segmentations" / Path(names[0]).with_suffix(".png"))
+    seg = build_dataset("waterbirds", "train", root=wb, image_size=(10, 12), cub_root=cub, masks="segmentation")
+    with pytest.raises(ValueError, match=r"segmentation .*a_1.png is \(5, 5\) but its Waterbirds image is \(10, 12\)"):
+        seg[0]
+    (cub / "segmentations" / Path(names[1]).with_suffix(".png")).unlink()
+    with pytest.raises(FileNotFoundError, match="1 of the 2 segmentation masks are missing"):
+        build_dataset("waterbirds", "train", root=wb, cub_root=cub, masks="segmentation")
+
+
 def _voc_xml(objs, w=20, h=10):
     o = "".join(
         f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
@@ -298,3 +367,19 @@ def test_shipped_voc_configs_open_the_standard_layout(tmp_path, monkeypatch, con
                                       ["data.image_size=16", "num_workers=0"]))
     assert len(data["train"]) == 2 and len(data["eval"]) == 2
     assert data["eval"][0]["mask"].shape == (20, 16, 16)
+
+
+def test_the_shipped_guided_waterbirds_config_gets_masks(tmp_path, monkeypatch):
+    """configs/waterbirds/teacher_guided_r50.yaml guides with the bird's box: on the standard
+    layout (data/waterbirds, data/CUB_200_2011) every training sample carries its mask."""
+    from e2kd.train.batches import build_datasets
+    from e2kd.train.config import load_config
+
+    wb, cub, _ = _waterbirds_with_cub(tmp_path / "data")
+    wb.rename(tmp_path / "data" / "waterbirds")
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[1] / "configs" / "waterbirds" / "teacher_guided_r50.yaml"
+    cfg = load_config(config, ["data.image_size=8", "num_workers=0", "data.eval_split=train"])
+    assert cfg.guidance.kind == "energy" and cfg.data.kwargs["masks"] == "box"
+    sample = build_datasets(cfg)["train"][0]
+    assert sample["mask"].shape == (1, 8, 8) and 0 < sample["mask"].sum() < 64
