@@ -346,3 +346,72 @@ def test_fused_optimiser_refused_for_parameters_it_cannot_handle():
     assert not build_optimizer(meta, OptimConfig()).defaults.get("fused")  # automatic: not fused
     with pytest.raises(ValueError, match=r"optim.fused=true needs .*float32 on meta.*optim.fused=false"):
         build_optimizer(meta, OptimConfig(fused=True))
+
+
+def test_adaptive_gradient_clipping_of_a_scalar_parameter_by_hand():
+    """A 0-d parameter (a learnable gain) is one unit: |g| is capped at clip · max(|w|, eps)."""
+    s = nn.Parameter(torch.tensor(2.0))
+    s.grad = torch.tensor(-3.0)
+    adaptive_grad_clip_([s], clip=0.1)
+    assert s.grad.shape == () and s.grad.item() == pytest.approx(-0.2)  # scaled by 0.1·2 / 3
+
+
+def _lrs(run_dir):
+    import json
+
+    return {r["step"]: r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r.get("split") == "train"}
+
+
+def test_epochs_count_batches_with_gradient_accumulation(tmp_path):
+    """64 images in batches of 16 are 4 batches an epoch; with grad_accum=3, 2 epochs are 8
+    batches: ceil(8 / 3) = 3 optimiser steps (it was 2 · (4 // 3) = 2 steps, 6 batches)."""
+    out = run(config_from_dict(base_config(tmp_path, "acc", **{"optim.epochs": 2, "optim.grad_accum": 3, "log_every": 1,
+                                                                 "model.name": "tiny_test_net"})), mode="teacher")
+    import json
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 3 and res["epochs"] == pytest.approx(9 / 4)  # 3 steps of 3 batches of an epoch of 4
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"the warm-up \(5 optimiser steps.*is as long as the run \(4 steps\)"):
+        run(config_from_dict(base_config(tmp_path, "w", **{"optim.warmup_steps": 5, "optim.max_steps": 4})), mode="teacher")
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_resume_from_a_checkpoint_keeps_the_configured_optimiser_settings(tmp_path):
+    """Loading an optimiser state loads its hyper-parameters too: the resumed run trained with the
+    checkpoint's weight decay and momentum while its config.yaml recorded others."""
+    from e2kd.train import loop
+
+    common = {"model.name": "tiny_test_net", "optim.name": "sgd", "optim.max_steps": 4, "checkpoint_every": 2,
+              "optim.weight_decay": 0.0, "optim.momentum": 0.9}
+    first = run(config_from_dict(base_config(tmp_path, "a", **common)), mode="teacher")
+    ckpt = first / "checkpoints" / "step_00000002.safetensors"
+    seen = []
+    original = loop.build_optimizer
+
+    def spy(params, cfg):
+        opt = original(params, cfg)
+        seen.append(opt)
+        return opt
+
+    loop.build_optimizer = spy
+    try:
+        run(config_from_dict(base_config(tmp_path, "b", **{**common, "resume": str(ckpt), "optim.weight_decay": 0.5,
+                                                               "optim.momentum": 0.0})), mode="teacher")
+    finally:
+        loop.build_optimizer = original
+    (group,) = seen[-1].param_groups
+    assert group["weight_decay"] == 0.5 and group["momentum"] == 0.0
+
+
+def test_a_deterministic_run_does_not_leave_the_process_deterministic(tmp_path):
+    try:
+        run(config_from_dict(base_config(tmp_path, "d", **{"deterministic": True, "optim.max_steps": 1})), mode="teacher")
+        assert torch.are_deterministic_algorithms_enabled()
+        run(config_from_dict(base_config(tmp_path, "n", **{"deterministic": False, "optim.max_steps": 1})), mode="teacher")
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

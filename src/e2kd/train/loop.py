@@ -126,11 +126,13 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+    # set both ways: a run in the same process after a deterministic one is not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
         torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
 
 
 class _StopRequest:
@@ -470,9 +472,17 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
         stream_ds, batch_size=cfg.optim.batch_size, seed=cfg.seed, info=info, in_memory=cfg.data.in_memory, num_workers=cfg.num_workers
     )
     accum = cfg.optim.grad_accum
-    steps_per_epoch = max(stream.per_epoch // accum, 1)
-    total = cfg.optim.max_steps if cfg.optim.max_steps is not None else cfg.optim.epochs * steps_per_epoch
+    # an optimiser step takes `accum` batches: an epoch is per_epoch / accum steps (fractional
+    # where accum does not divide it; windows run on across epoch boundaries)
+    steps_per_epoch = stream.per_epoch / accum
+    total = cfg.optim.max_steps if cfg.optim.max_steps is not None else max(math.ceil(cfg.optim.epochs * steps_per_epoch), 1)
     warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch)) + cfg.optim.warmup_steps
+    if warmup >= total:
+        raise ValueError(
+            f"the warm-up ({warmup} optimiser steps: optim.warmup_epochs={cfg.optim.warmup_epochs} and "
+            f"optim.warmup_steps={cfg.optim.warmup_steps}) is as long as the run ({total} steps), so the learning rate "
+            "would never reach optim.lr; shorten the warm-up or train longer"
+        )
 
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     sched = WarmupCosine(optimizer, lr=cfg.optim.lr, total=total, warmup=warmup, min_lr=cfg.optim.min_lr, schedule=cfg.optim.schedule)
@@ -487,7 +497,12 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
         if cfg.resume == "auto":
             _check_same_config(run_dir, cfg)
         tensors, meta = load_checkpoint(resume_from)
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
         state = restore(tensors, meta, model=model, optimizer=optimizer)
+        # loading an optimiser state also loads its hyper-parameters: the config's (what config.yaml
+        # records for this run) stay in force; the learning rate is the schedule's
+        for group, settings in zip(optimizer.param_groups, configured):
+            group.update(settings)
         step = int(state["step"])
         stream.position = int(state["position"])
         sched.load_state_dict(state["scheduler"])

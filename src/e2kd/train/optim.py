@@ -87,7 +87,9 @@ class WarmupCosine:
 
 
 def _unit_norm(t: torch.Tensor) -> torch.Tensor:
-    if t.dim() <= 1:
+    if t.dim() == 0:  # a scalar parameter (a learnable gain or temperature): one unit, its own shape
+        return t.abs()
+    if t.dim() == 1:
         return t.norm(p=2).reshape(1)
     return t.norm(p=2, dim=tuple(range(1, t.dim())), keepdim=True)
 
