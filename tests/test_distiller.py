@@ -118,6 +118,23 @@ def test_maps_of_different_sizes_are_resized_to_the_teachers():
     assert torch.isfinite(out["loss"])
 
 
+def test_equal_maps_stay_equal_when_the_student_map_is_shrunk_as_a_store_shrinks_the_teachers():
+    """e2kd freeze --map-size shrinks the teacher's maps with antialiasing; match_maps shrinks the
+    student's the same way, so a student explaining like the teacher has loss 0, not ~2e-3."""
+    import torch.nn.functional as F
+
+    from e2kd.distiller import match_maps
+    from e2kd.frozen.freezer import _process_maps
+
+    full = torch.rand(3, 1, 24, 24)
+    stored = _process_maps(full, (6, 6), torch.float32, "float32")
+    torch.testing.assert_close(match_maps(full, stored), stored)
+    plain = F.interpolate(full, size=(6, 6), mode="bilinear", align_corners=False)
+    assert (plain - stored).abs().max() > 1e-2  # without antialiasing they would differ
+    up = match_maps(torch.rand(3, 1, 4, 4), full)  # enlarging: plain bilinear, as before
+    assert up.shape == (3, 1, 24, 24)
+
+
 def test_agreement_is_share_of_matching_argmax():
     teacher, _ = pair()
     twin, _ = pair()

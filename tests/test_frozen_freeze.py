@@ -130,6 +130,24 @@ def test_bad_arguments(tmp_path):
         freeze(teacher, "gradcam", ds, tmp_path, batch_size=2, rank=2, world_size=2, progress=False)
     with pytest.raises(ValueError, match="unknown explainer"):
         freeze(teacher, "nope", ds, tmp_path, batch_size=2, progress=False)
+    ds.multilabel = True  # a sigmoid teacher's classes are independent: no softmax-style top-k
+    with pytest.raises(ValueError, match="topk keeps the k largest logits .* multi-label"):
+        freeze(teacher, "gradcam", torch.utils.data.Subset(ds, [0, 1]), tmp_path / "ml", batch_size=2, topk=2, progress=False)
+    assert not (tmp_path / "ml").exists()
+
+
+def test_maps_that_underflow_float16_are_refused_like_an_overflow():
+    from e2kd.frozen.freezer import _process_maps
+
+    maps = torch.rand(2, 1, 4, 4)
+    maps[1] *= 1e-9  # float16 would store this map as zeros
+    with pytest.raises(ValueError, match=r"underflow float16 \(a map's largest magnitude is 1e-09|underflow float16"):
+        _process_maps(maps, None, torch.float16, "float16")
+    kept = _process_maps(maps, None, torch.bfloat16, "bfloat16")
+    assert kept[1].abs().max() > 0
+    zero = maps.clone()
+    zero[1] = 0  # an all-zero map is exact in any dtype
+    assert torch.equal(_process_maps(zero, None, torch.float16, "float16")[1], torch.zeros(1, 4, 4, dtype=torch.float16))
 
 
 def _ddp_worker(rank, world_size, path, init_file):

@@ -113,6 +113,11 @@ def test_plain_torch_state_dicts_load_with_prefixes_stripped(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
     dst = load_weights(TinyNet(width=6), tmp_path / "w.pth")
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    # nested wrappers in any order: a compiled DDP model, a Distiller's DDP-wrapped student
+    for prefix in ("_orig_mod.module.", "student.module.", "module._orig_mod.", "student.module._orig_mod."):
+        torch.save({f"{prefix}{k}": v for k, v in src.state_dict().items()}, tmp_path / "n.pth")
+        dst = load_weights(TinyNet(width=6), tmp_path / "n.pth")
+        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values())), prefix
 
 
 def test_old_torchvision_densenet_keys_are_mapped(tmp_path):

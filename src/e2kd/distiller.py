@@ -39,7 +39,9 @@ def _as_explainer(spec) -> Explainer:
 
 
 def match_maps(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.Tensor:
-    """Resize the student's maps to the teacher's spatial size (bilinear, ``align_corners=False``).
+    """Resize the student's maps to the teacher's spatial size (bilinear, ``align_corners=False``;
+    antialiased when shrinking, as ``e2kd freeze --map-size`` shrinks the teacher's stored maps,
+    so that equal maps stay equal).
 
     The teacher's map is the target, so it is never resampled; channel counts must agree.
     """
@@ -49,7 +51,10 @@ def match_maps(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.
             "batch size or channels; use explainers that produce the same kind of map for both models"
         )
     if student_maps.shape[2:] != teacher_maps.shape[2:]:
-        student_maps = F.interpolate(student_maps, size=teacher_maps.shape[2:], mode="bilinear", align_corners=False)
+        shrink = any(s > t for s, t in zip(student_maps.shape[2:], teacher_maps.shape[2:]))
+        student_maps = F.interpolate(
+            student_maps, size=teacher_maps.shape[2:], mode="bilinear", align_corners=False, antialias=shrink
+        )
     return student_maps
 
 

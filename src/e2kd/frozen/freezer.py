@@ -157,6 +157,15 @@ def _collate(samples):
     return torch.stack(images), torch.tensor(indices, dtype=torch.long)
 
 
+def _multilabel(dataset) -> bool:
+    """Whether ``dataset`` (or the dataset a ``Subset`` draws from) holds multi-label samples."""
+    while dataset is not None:
+        if getattr(dataset, "multilabel", False):
+            return True
+        dataset = getattr(dataset, "dataset", None)
+    return False
+
+
 def _process_maps(maps: torch.Tensor, size: Optional[Tuple[int, int]], dtype: torch.dtype, dtype_name: str) -> torch.Tensor:
     if not torch.isfinite(maps).all():
         raise ValueError("the teacher's explanation maps hold NaN or inf values; check the teacher and the inputs")
@@ -164,6 +173,16 @@ def _process_maps(maps: torch.Tensor, size: Optional[Tuple[int, int]], dtype: to
     if size is not None and tuple(maps.shape[-2:]) != size:
         shrink = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    if dtype == torch.float16:
+        # below float16's smallest normal number a map loses its relative precision, and below
+        # about 6e-8 it is stored as zeros: refused like an overflow, not stored silently wrong
+        peak = maps.abs().flatten(2).amax(dim=-1)
+        tiny = (peak > 0) & (peak < torch.finfo(torch.float16).tiny)
+        if bool(tiny.any()):
+            raise ValueError(
+                f"explanation maps underflow float16 (a map's largest magnitude is {peak[tiny].min().item():.3g}, below "
+                f"float16's smallest normal number {torch.finfo(torch.float16).tiny:.3g}); use map_dtype='bfloat16' or 'float32'"
+            )
     out = maps.to(dtype)
     if not torch.isfinite(out).all():
         raise ValueError(
@@ -268,6 +287,11 @@ def freeze(
         raise ValueError(f"map_dtype must be one of {sorted(MAP_DTYPES)}, got {map_dtype!r}")
     if topk is not None and int(topk) < 1:
         raise ValueError(f"topk must be >= 1 or None, got {topk}")
+    if topk is not None and _multilabel(dataset):
+        raise ValueError(
+            "topk keeps the k largest logits and spreads the rest like a softmax; a multi-label dataset's teacher "
+            "has independent sigmoid classes, which that would falsify: freeze its full logits (topk=None)"
+        )
     size_hw = _pair(map_size, "map_size")
     explainer = _as_explainer(explainer)
     out_dir = Path(out_dir)

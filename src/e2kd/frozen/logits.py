@@ -43,11 +43,15 @@ def reconstruct_logits(
 
     The top-k classes get their stored logits; each of the other :math:`C-k` classes gets
     :math:`\hat z = r - \log(C-k)`. Hence :math:`\sum_{c\notin\text{top-}k} e^{\hat z_c} = e^{r}`
-    and at temperature 1 the reconstruction is exact where it matters for KD:
-    :math:`\mathrm{softmax}(\hat z)_c = \mathrm{softmax}(z)_c` for every top-k class, and the
-    probability left over is spread uniformly over the others (their total is exact). The
-    argmax is kept (:math:`\hat z \le \max_{c\notin\text{top-}k} z_c \le` the k-th value). At
-    a temperature :math:`T \ne 1` the softened distribution is approximate.
+    and at temperature 1 :math:`\mathrm{softmax}(\hat z)_c = \mathrm{softmax}(z)_c` for every
+    top-k class, while the probability left over is spread uniformly over the others (their total
+    is exact, its split is not). The argmax is kept (:math:`\hat z \le
+    \max_{c\notin\text{top-}k} z_c \le` the k-th value). The KD target is therefore biased: the
+    KD loss and its gradient :math:`q - \hat p` change with the uniform split, and more at a
+    temperature :math:`T \ne 1`, where the softened distribution is approximate throughout.
+    Measured on 64 random 10-class rows (logits of standard deviation 3): KD loss 4.470 → 4.179
+    (k = 1) and → 4.452 (k = 5) at T = 1; 8.23 → 5.61 and → 7.49 at T = 4. Softmax only: a
+    multi-label (sigmoid) teacher's classes are independent, and top-k logits are refused for it.
 
     Parameters
     ----------

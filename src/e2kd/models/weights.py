@@ -124,9 +124,15 @@ def _pickle_imports(path: Path, err: BaseException) -> Optional[str]:
 
 
 def _strip_prefixes(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    for prefix in ("module.", "_orig_mod.", "student."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    """Keys without the prefixes that wrappers add, in any order and nesting (DDP ``module.``,
+    torch.compile ``_orig_mod.``, a Distiller's ``student.``: e.g. ``student.module._orig_mod.``)."""
+    stripped = True
+    while sd and stripped:
+        stripped = False
+        for prefix in ("module.", "_orig_mod.", "student."):
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                stripped = True
     return sd
 
 

@@ -203,6 +203,12 @@ def open_store(cfg: ExperimentConfig, split: str, dataset, *, teacher_explainer,
     store.check({"dataset_id": ident})
     if num_classes is not None:
         store.check({"num_classes": int(num_classes)})
+    if store.topk and getattr(dataset, "multilabel", False):
+        raise ValueError(
+            f"{key}={str(path)!r} keeps only the top-{store.topk} logits, which stand in for a softmax teacher; this "
+            f"run's {split} data are multi-label (sigmoid classes, independent of each other), so freeze again "
+            "without --topk"
+        )
     image_shape = tuple(dataset[0]["image"].shape)
     if image_shape != store.image_shape:
         raise ValueError(
