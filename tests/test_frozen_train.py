@@ -305,3 +305,22 @@ def test_a_training_image_overwritten_after_freezing_is_refused_before_training(
     err = capsys.readouterr().err
     assert "no longer matches the dataset's files" in err and "0/2.png" in err and "freeze the store again" in err, err
     assert not (tmp_path / "stale").exists()
+
+
+def test_a_top_k_store_is_refused_for_multilabel_data_when_opened(tmp_path, teacher):
+    """freeze refuses top-k logits for multi-label data; a store opened for a run whose data are
+    multi-label is checked again (a softmax-style top-k cannot stand in for sigmoid classes)."""
+    from e2kd.train.batches import build_datasets
+    from e2kd.train.build import build_explainers
+    from e2kd.train.config import load_config
+    from e2kd.train.frozen import open_store
+
+    cfg_file = _config_file(tmp_path, teacher)
+    assert main(["freeze", cfg_file, "--topk", "2", f"teacher.frozen={tmp_path / 'store'}", "progress=false"]) == 0
+    cfg = load_config(cfg_file, [f"teacher.frozen={tmp_path / 'store'}"])
+    ds = build_datasets(cfg)["train"]
+    explainers = build_explainers(cfg.distill)
+    assert open_store(cfg, "train", ds, teacher_explainer=explainers[0]).store.topk == 2
+    ds.multilabel = True
+    with pytest.raises(ValueError, match=r"keeps only the top-2 logits.*multi-label.*freeze again without --topk"):
+        open_store(cfg, "train", ds, teacher_explainer=explainers[0])
