@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple, Union
@@ -174,14 +175,27 @@ def _process_maps(maps: torch.Tensor, size: Optional[Tuple[int, int]], dtype: to
         shrink = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=shrink)
     if dtype == torch.float16:
-        # below float16's smallest normal number a map loses its relative precision, and below
-        # about 6e-8 it is stored as zeros: refused like an overflow, not stored silently wrong
+        # Below float16's smallest normal number (6.1e-5) values are stored with an absolute
+        # spacing of 6e-8: a map whose largest magnitude is that small loses relative precision
+        # (warned, with the error it makes), and one below half that spacing would be stored as
+        # zeros (refused, like an overflow).
         peak = maps.abs().flatten(2).amax(dim=-1)
-        tiny = (peak > 0) & (peak < torch.finfo(torch.float16).tiny)
-        if bool(tiny.any()):
+        finfo = torch.finfo(torch.float16)
+        lost = (peak > 0) & (peak < finfo.smallest_normal * 2.0**-11)  # rounds to 0 in float16
+        if bool(lost.any()):
             raise ValueError(
-                f"explanation maps underflow float16 (a map's largest magnitude is {peak[tiny].min().item():.3g}, below "
-                f"float16's smallest normal number {torch.finfo(torch.float16).tiny:.3g}); use map_dtype='bfloat16' or 'float32'"
+                f"explanation maps underflow float16: a map whose largest magnitude is {peak[lost].min().item():.3g} "
+                "would be stored as zeros; use map_dtype='bfloat16' or 'float32'"
+            )
+        small = (peak > 0) & (peak < finfo.smallest_normal)
+        if bool(small.any()):
+            stored = maps.to(dtype).float()
+            err = ((stored - maps).abs().flatten(2).amax(-1) / peak.clamp_min(1e-38))[small].max().item()
+            warnings.warn(
+                f"explanation maps as small as {peak[small].min().item():.3g} (largest magnitude of a map) are below "
+                f"float16's smallest normal number {finfo.smallest_normal:.3g}: stored with up to {100 * err:.1f} % error "
+                "relative to their peak; map_dtype='bfloat16' or 'float32' keeps them",
+                stacklevel=3,
             )
     out = maps.to(dtype)
     if not torch.isfinite(out).all():
