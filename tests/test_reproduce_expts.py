@@ -167,3 +167,35 @@ def test_ensure_teacher_reuses_a_finished_run(tmp_path):
     old = time.time() - 10
     os.utime(done / "results.json", (old, old))
     assert ensure_teacher(tmp_path / "fewshot", "configs/fmnist/teacher.yaml", "t") == done
+
+
+def test_a_finished_run_made_with_other_settings_is_refused_not_reused(tmp_path):
+    """Quick and full runs of an experiment share run names: a full reproduction into the folder
+    of a quick one reused the quick teachers and students and mixed them into its table."""
+    import sys
+
+    import yaml
+
+    from e2kd.reproduce._common import run_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _train_helpers import base_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(tmp_path, "x", **{"optim.max_steps": 1, "model.name": "tiny_test_net"})))
+    first = run_config(cfg, ["optim.max_steps=1"], mode="teacher", out_dir=tmp_path / "out", name="t")
+    stamp = (first / "results.json").stat().st_mtime_ns
+    assert run_config(cfg, ["optim.max_steps=1", "log_every=1"], mode="teacher", out_dir=tmp_path / "out", name="t") == first
+    assert (first / "results.json").stat().st_mtime_ns == stamp  # reused, not retrained
+    with pytest.raises(ValueError, match=r"holds a finished run made with other settings \(changed: optim\).*--out"):
+        run_config(cfg, ["optim.max_steps=2"], mode="teacher", out_dir=tmp_path / "out", name="t")
+
+
+def test_quick_and_full_reproductions_default_to_separate_folders(monkeypatch):
+    from e2kd import cli
+
+    seen = []
+    monkeypatch.setattr("e2kd.reproduce.run_experiment", lambda name, out_dir, quick, seeds: seen.append(out_dir) or out_dir)
+    assert cli.main(["reproduce", "fewshot", "--quick"]) == 0 and cli.main(["reproduce", "fewshot"]) == 0
+    assert cli.main(["reproduce", "fewshot", "--quick", "--out", "elsewhere"]) == 0
+    assert seen == ["runs/reproduce-quick", "runs/reproduce", "elsewhere"]

@@ -196,7 +196,8 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="an experiment name (see `e2kd reproduce list`), `all`, or `list`")
     parser.add_argument("--quick", action="store_true", help="the small size that CI runs (one seed)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
-    parser.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/reproduce, with --quick runs/reproduce-quick)")
 
 
 @command("reproduce", arguments=_reproduce_arguments)
@@ -213,7 +214,8 @@ def _reproduce(args) -> int:
     todo = list(names) if args.experiment == "all" else [args.experiment]
     seeds = None if args.seeds is None else list(range(args.seeds))
     for name in todo:
-        print(f"wrote {run_experiment(name, out_dir=args.out, quick=args.quick, seeds=seeds)}")
+        out = args.out if args.out is not None else ("runs/reproduce-quick" if args.quick else "runs/reproduce")
+        print(f"wrote {run_experiment(name, out_dir=out, quick=args.quick, seeds=seeds)}")
     return 0
 
 

@@ -94,14 +94,25 @@ def run_config(
 ) -> Path:
     """Run one config through the trainer into ``out_dir/name`` and return the run folder.
 
-    With ``reuse`` a run folder that already holds ``results.json`` is returned as it is (an
-    interrupted reproduction continues where it stopped; the trainer itself resumes a run
-    that has checkpoints but no results).
+    With ``reuse`` a run folder that already holds ``results.json`` is returned as it is when it
+    was made with the same settings (an interrupted reproduction continues where it stopped; the
+    trainer itself resumes a run that has checkpoints but no results); one made with other
+    settings (a ``--quick`` run in the folder of a full one) is refused, never mixed in.
     """
+    from ..train.loop import check_same_config
+
     run_dir = Path(out_dir) / name
-    if reuse and (run_dir / "results.json").is_file():
-        return run_dir
     cfg = load_config(str(config), [*overrides, f"output_dir={Path(out_dir)}", f"name={name}"])
+    if reuse and (run_dir / "results.json").is_file():
+        try:
+            check_same_config(run_dir, cfg)
+        except ValueError as err:
+            changed = str(err).split("(changed: ", 1)[-1].split(")", 1)[0]
+            raise ValueError(
+                f"{str(run_dir)!r} holds a finished run made with other settings (changed: {changed}), e.g. a --quick "
+                f"run where a full one is asked for; reproduce into another folder (--out) or remove that run"
+            ) from None
+        return run_dir
     return run(cfg, mode=mode)
 
 

@@ -306,7 +306,9 @@ def _resolve_resume(cfg: ExperimentConfig, ckpt_dir: Path) -> Optional[Path]:
     return path
 
 
-def _check_same_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+def check_same_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Raise unless the run in ``run_dir`` was made with ``cfg`` (settings that do not change the
+    result, such as logging and checkpointing, aside)."""
     import yaml
 
     path = run_dir / "config.yaml"
@@ -495,7 +497,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     resume_from = _resolve_resume(cfg, ckpt_dir)
     if resume_from is not None:
         if cfg.resume == "auto":
-            _check_same_config(run_dir, cfg)
+            check_same_config(run_dir, cfg)
         tensors, meta = load_checkpoint(resume_from)
         configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
         state = restore(tensors, meta, model=model, optimizer=optimizer)
