@@ -180,8 +180,12 @@ def test_freeze_killed_at_random_moments_gives_a_byte_identical_store(tmp_path):
     for attempt in range(2):
         before = len(list(out.glob("shard-*"))) if out.exists() else 0
         proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait_for(lambda: len(list(out.glob("shard-*"))) > before or proc.poll() is not None, proc)
-        time.sleep(rng.uniform(0.0, 0.3))
+        # killed after a random number of new shards (of 80), at a random moment within the next
+        # ones: a kill timed only from the first new shard could come after a fast machine had
+        # finished the whole store, leaving nothing to interrupt
+        target = before + rng.randint(1, 10)
+        _wait_for(lambda: len(list(out.glob("shard-*"))) >= target or proc.poll() is not None, proc)
+        time.sleep(rng.uniform(0.0, 0.02))
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGKILL)
