@@ -72,16 +72,11 @@ def _freeze_arguments(parser: argparse.ArgumentParser) -> None:
 @command("freeze", arguments=_freeze_arguments)
 def _freeze(args) -> int:
     """Run the teacher once over the un-augmented data and store its logits and explanations."""
-    from ._atomic import check_writable_folder
     from .train import load_config
-    from .train.frozen import freeze_run, store_path
+    from .train.frozen import freeze_run
 
-    cfg = load_config(args.config, args.overrides)
-    key = "--out" if args.out is not None else "teacher.frozen" if args.split == "train" else "teacher.frozen_eval"
-    check_writable_folder(store_path(cfg, args.split, args.out), f"the store folder ({key})",
-                          "pass --out with a folder you can write to")
     report = freeze_run(
-        cfg, split=args.split, out=args.out, batch_size=args.batch_size,
+        load_config(args.config, args.overrides), split=args.split, out=args.out, batch_size=args.batch_size,
         map_size=args.map_size, map_dtype=args.map_dtype, topk=args.topk, shard_size=args.shard_size,
     )
     if int(os.environ.get("RANK", "0")) == 0:
@@ -100,28 +95,8 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 @command("evaluate", arguments=_evaluate_arguments)
 def _evaluate(args) -> int:
     """Evaluate a trained model: accuracy, top-5, agreement and explanation similarity."""
-    from ._atomic import check_writable_folder
-    from .train import load_config
-    from .train.evaluate_run import evaluate_target, result_place
+    from .train.evaluate_run import evaluate_target
 
-    target = Path(args.target)
-    if not target.exists():
-        raise FileNotFoundError(
-            f"{args.target!r} is neither a run folder nor a config file (it does not exist); give a finished run "
-            "folder (runs/NAME) or a config file with model.checkpoint set"
-        )
-    out_dir = None
-    if args.output is not None:
-        out_dir, what = Path(args.output).absolute().parent, f"the folder of --output {args.output!r}:"
-    elif target.is_dir():  # results go into the run folder
-        out_dir, what = target, "the run folder"
-    else:  # into the run folder that model.checkpoint names, or beside a weights file
-        cfg = load_config(target, args.overrides)
-        if cfg.model.checkpoint is not None:
-            out_dir, what = result_place(Path(cfg.model.checkpoint))[0], "the folder of model.checkpoint"
-    if out_dir is not None:
-        check_writable_folder(out_dir, what, "evaluate writes eval_*.json there: make it writable, or name the file "
-                              "to write with --output")
     out_path, results = evaluate_target(args.target, args.overrides, output=args.output)
     if out_path is not None:
         print(json.dumps(results, indent=2, sort_keys=True))

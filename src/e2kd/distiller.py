@@ -12,6 +12,8 @@ from torch import nn
 from .explain.base import Explainer, TargetOutOfRange, check_logits, create
 from .losses import explanation_loss, kd_loss, multilabel_kd_loss
 
+__all__ = ["Distiller"]
+
 
 def _real(value, name: str) -> float:
     """``value`` as a float; a clear error for booleans and for what is not a number."""
@@ -22,7 +24,6 @@ def _real(value, name: str) -> float:
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
 
-__all__ = ["Distiller"]
 
 ExplainerSpec = Union[str, Explainer, Sequence[Union[str, Explainer]]]
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .explain.base import Explainer, create
-from .metrics.localisation import _pair, as_attribution_maps, energy_pointing_game
+from .metrics.localisation import as_attribution_maps, energy_pointing_game, maps_and_masks
 
 __all__ = ["GuidanceLoss", "energy_loss", "l1_loss", "contrast_weights", "GUIDANCE_KINDS"]
 
@@ -72,7 +72,7 @@ def l1_loss(attributions: torch.Tensor, masks: torch.Tensor, eps: float = 1e-12)
     -------
     Tensor, shape (N,)
     """
-    a, m = _pair(attributions, masks, "l1_loss")  # same shape, binary masks (as energy_loss checks them)
+    a, m = maps_and_masks(attributions, masks, "l1_loss")  # same shape, binary masks (as energy_loss checks them)
     pos = a.clamp_min(0).flatten(1)
     norm = pos / pos.amax(dim=1, keepdim=True).clamp_min(eps)
     return (norm - m.flatten(1)).abs().mean(dim=1)

@@ -91,7 +91,8 @@ def warn_skipped(skipped: Sequence[Path], where: str) -> None:
     if not skipped:
         return
     broken = [p for p in skipped if p.is_symlink() and not p.exists()]
-    other = [p for p in skipped if not (p.is_symlink() and not p.exists())]
+    gone = set(broken)
+    other = [p for p in skipped if p not in gone]
     parts = []
     if other:
         parts.append(

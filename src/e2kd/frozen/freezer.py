@@ -174,6 +174,7 @@ def _process_maps(maps: torch.Tensor, size: Optional[Tuple[int, int]], dtype: to
     if size is not None and tuple(maps.shape[-2:]) != size:
         shrink = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    out = maps.to(dtype)
     if dtype == torch.float16:
         # Below float16's smallest normal number (6.1e-5) values are stored with an absolute
         # spacing of 6e-8: a map whose largest magnitude is that small loses relative precision
@@ -189,15 +190,13 @@ def _process_maps(maps: torch.Tensor, size: Optional[Tuple[int, int]], dtype: to
             )
         small = (peak > 0) & (peak < finfo.smallest_normal)
         if bool(small.any()):
-            stored = maps.to(dtype).float()
-            err = ((stored - maps).abs().flatten(2).amax(-1) / peak.clamp_min(1e-38))[small].max().item()
+            err = ((out.float() - maps).abs().flatten(2).amax(-1) / peak.clamp_min(1e-38))[small].max().item()
             warnings.warn(
                 f"explanation maps as small as {peak[small].min().item():.3g} (largest magnitude of a map) are below "
                 f"float16's smallest normal number {finfo.smallest_normal:.3g}: stored with up to {100 * err:.1f} % error "
                 "relative to their peak; map_dtype='bfloat16' or 'float32' keeps them",
                 stacklevel=3,
             )
-    out = maps.to(dtype)
     if not torch.isfinite(out).all():
         raise ValueError(
             f"explanation maps overflow {dtype_name} (largest magnitude {maps.abs().max().item():.3g}); "

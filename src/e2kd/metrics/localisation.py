@@ -29,6 +29,11 @@ __all__ = [
 ]
 
 BINARISATION_RULES = ("fraction_of_max", "top_fraction")
+#: The ``value`` each binarisation rule accepts: (test, the range written out).
+BINARISATION_VALUES = {
+    "fraction_of_max": (lambda v: 0.0 <= v <= 1.0, "[0, 1]"),  # NaN fails too
+    "top_fraction": (lambda v: 0.0 < v <= 1.0, "(0, 1]"),
+}
 
 
 def as_attribution_maps(maps: torch.Tensor, who: str, what: str = "attributions") -> torch.Tensor:
@@ -50,7 +55,7 @@ def as_attribution_maps(maps: torch.Tensor, who: str, what: str = "attributions"
     return maps
 
 
-def _pair(attributions: torch.Tensor, masks: torch.Tensor, who: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def maps_and_masks(attributions: torch.Tensor, masks: torch.Tensor, who: str) -> Tuple[torch.Tensor, torch.Tensor]:
     a = as_attribution_maps(attributions, who)
     m = as_attribution_maps(masks, who, "masks")
     if a.shape != m.shape:
@@ -92,7 +97,7 @@ def energy_pointing_game(attributions: torch.Tensor, masks: torch.Tensor) -> tor
     -------
     Tensor, shape (N,)
     """
-    a, m = _pair(attributions, masks, "energy_pointing_game")
+    a, m = maps_and_masks(attributions, masks, "energy_pointing_game")
     pos = a.clamp_min(0).flatten(1)
     total = pos.sum(dim=1)
     inside = (pos * m.flatten(1)).sum(dim=1)
@@ -138,14 +143,11 @@ def binarise(attributions: torch.Tensor, *, rule: str = "fraction_of_max", value
 
 def check_binarisation(rule: str, value: float, who: str) -> None:
     """A clear error unless ``rule`` and ``value`` are a binarisation :func:`binarise` accepts."""
-    if rule == "fraction_of_max":
-        if not 0.0 <= value <= 1.0:  # NaN fails too
-            raise ValueError(f"{who}: rule 'fraction_of_max' needs value in [0, 1], got {value}")
-    elif rule == "top_fraction":
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"{who}: rule 'top_fraction' needs value in (0, 1], got {value}")
-    else:
+    if rule not in BINARISATION_VALUES:
         raise ValueError(f"{who}: unknown rule {rule!r}; choose one of {BINARISATION_RULES}")
+    accepts, text = BINARISATION_VALUES[rule]
+    if not accepts(value):
+        raise ValueError(f"{who}: rule {rule!r} needs value in {text}, got {value}")
 
 
 def iou(attributions: torch.Tensor, masks: torch.Tensor, *, rule: str = "fraction_of_max", value: float = 0.5) -> torch.Tensor:
@@ -169,7 +171,7 @@ def iou(attributions: torch.Tensor, masks: torch.Tensor, *, rule: str = "fractio
     -------
     Tensor, shape (N,)
     """
-    a, m = _pair(attributions, masks, "iou")
+    a, m = maps_and_masks(attributions, masks, "iou")
     b = binarise(a, rule=rule, value=value).flatten(1)
     mb = m.flatten(1) > 0
     inter = (b & mb).sum(dim=1).double()

@@ -99,19 +99,17 @@ def run_config(
     trainer itself resumes a run that has checkpoints but no results); one made with other
     settings (a ``--quick`` run in the folder of a full one) is refused, never mixed in.
     """
-    from ..train.loop import check_same_config
+    from ..train.loop import config_changes
 
     run_dir = Path(out_dir) / name
     cfg = load_config(str(config), [*overrides, f"output_dir={Path(out_dir)}", f"name={name}"])
     if reuse and (run_dir / "results.json").is_file():
-        try:
-            check_same_config(run_dir, cfg)
-        except ValueError as err:
-            changed = str(err).split("(changed: ", 1)[-1].split(")", 1)[0]
+        changed = config_changes(run_dir, cfg)
+        if changed:
             raise ValueError(
-                f"{str(run_dir)!r} holds a finished run made with other settings (changed: {changed}), e.g. a --quick "
-                f"run where a full one is asked for; reproduce into another folder (--out) or remove that run"
-            ) from None
+                f"{str(run_dir)!r} holds a finished run made with other settings (changed: {', '.join(changed)}), e.g. "
+                "a --quick run where a full one is asked for; reproduce into another folder (--out) or remove that run"
+            )
         return run_dir
     return run(cfg, mode=mode)
 

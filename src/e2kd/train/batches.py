@@ -115,8 +115,9 @@ def _check_same_classes(d, train, ev) -> None:
     if a is None or b is None or list(a) == list(b):
         return
     a, b = list(a), list(b)
-    only_train = [c for c in a if c not in set(b)]
-    only_eval = [c for c in b if c not in set(a)]
+    in_a, in_b = set(a), set(b)
+    only_train = [c for c in a if c not in in_b]
+    only_eval = [c for c in b if c not in in_a]
 
     def show(names):
         return f"{names[:10]}{f' and {len(names) - 10} more' if len(names) > 10 else ''}"

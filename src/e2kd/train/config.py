@@ -361,13 +361,11 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
-    from ..metrics.localisation import BINARISATION_RULES
+    from ..metrics.localisation import BINARISATION_RULES, BINARISATION_VALUES
 
     o, d, e = cfg.optim, cfg.distill, cfg.eval
     # the range of eval.iou_value depends on the rule (e2kd.metrics.binarise)
-    iou_range = {"fraction_of_max": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-                 "top_fraction": (lambda v: 0.0 < v <= 1.0, "in (0, 1]")}
-    in_range, range_text = iou_range.get(e.iou_rule, (lambda v: True, ""))
+    in_range, range_text = BINARISATION_VALUES.get(e.iou_rule, (lambda v: True, ""))
     checks = [
         (math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}"),
         (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
@@ -409,7 +407,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         (e.iou_rule in BINARISATION_RULES,
          f"eval.iou_rule must be one of {', '.join(BINARISATION_RULES)}, got {e.iou_rule!r}"),
         (math.isfinite(e.iou_value) and in_range(e.iou_value),
-         f"eval.iou_value must be {range_text or 'a finite number'} for eval.iou_rule={e.iou_rule}, got {e.iou_value}"),
+         f"eval.iou_value must be {f'in {range_text}' if range_text else 'a finite number'} for eval.iou_rule={e.iou_rule}, "
+         f"got {e.iou_value}"),
         (bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),
          f"name must be a plain folder name, got {cfg.name!r}"),
     ]

@@ -70,21 +70,25 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: Dict[str, float], info: DistInfo) -> Dict[str, float]:
+def all_reduce_sum(values: Dict[str, float], info: DistInfo, *, same_keys: bool = False) -> Dict[str, float]:
     """Sum float values over all ranks (float64 on the run's device).
 
     The ranks may hold different keys (a rank whose share of the evaluation split is empty has
     seen no labels, no teacher outputs): the sum runs over the union of the keys, a key a rank
     lacks counting 0 there, and every rank gets every key back. Every rank must call it.
+    ``same_keys=True`` (every rank is known to hold the same keys, as the training loop's
+    logged sums do) skips gathering the keys first.
     """
     if not info.enabled:
         return dict(values)
-    gathered: list = [None] * info.world_size
-    dist.all_gather_object(gathered, sorted(values))
-    keys = sorted(set().union(*gathered))
+    if not same_keys:
+        gathered: list = [None] * info.world_size
+        dist.all_gather_object(gathered, sorted(values))
+        keys = sorted(set().union(*gathered))
+        values = {k: values.get(k, 0.0) for k in keys}
+    keys = sorted(values)
     if not keys:
         return {}
-    values = {k: values.get(k, 0.0) for k in keys}
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))

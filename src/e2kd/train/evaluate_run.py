@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
 
+from .._atomic import check_writable_folder
 from .batches import build_datasets
 from .build import build_explainers, build_model, build_teacher, load_model_file
 from .config import ExperimentConfig, config_from_dict, load_config
@@ -83,7 +84,7 @@ def _check_paths(cfg: ExperimentConfig, keys: Sequence[str], where: str, starts:
         )
 
 
-def result_place(checkpoint: Path) -> Tuple[Path, str]:
+def _result_place(checkpoint: Path) -> Tuple[Path, str]:
     """(folder, file-name prefix) of the results of evaluating the weights ``checkpoint``: a run
     folder (or the ``model.safetensors`` of one) keeps them beside its own results; a plain
     weights file gets ``<stem>.eval_<dataset>_<split>.json`` beside it."""
@@ -105,6 +106,11 @@ def evaluate_target(target: str, overrides: Sequence[str] = (), output: Optional
     Returns the written path (None on ranks other than 0) and the results.
     """
     path = Path(target)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{target!r} is neither a run folder nor a config file (it does not exist); give a finished run "
+            "folder (runs/NAME) or a config file with model.checkpoint set"
+        )
     if path.is_dir():
         if not (path / "config.yaml").is_file():
             raise FileNotFoundError(f"{target!r} is a folder without config.yaml; give an e2kd run folder or a config file")
@@ -127,7 +133,13 @@ def evaluate_target(target: str, overrides: Sequence[str] = (), output: Optional
                 "evaluate with a config needs model.checkpoint (a weights file or run folder): add "
                 "model.checkpoint=PATH, or give the run folder itself (e2kd evaluate runs/NAME)"
             )
-        run_dir, prefix = result_place(Path(cfg.model.checkpoint))
+        run_dir, prefix = _result_place(Path(cfg.model.checkpoint))
+    if output is not None:
+        out_dir, what = Path(output).absolute().parent, f"the folder of --output {output!r}:"
+    else:
+        out_dir, what = run_dir, "the run folder" if path.is_dir() else "the folder of model.checkpoint"
+    check_writable_folder(out_dir, what, "evaluate writes eval_*.json there: make it writable, or name the file to "
+                          "write with --output")
     used = [] if path.is_dir() else ["model.checkpoint"]  # a run folder's model.checkpoint only started its training
     used += ["teacher.checkpoint"] if _has_teacher(cfg) else ["teacher.frozen_eval"]
     _check_paths(cfg, used, where, starts)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
+from .._atomic import check_writable_folder
 from ..frozen import FreezeReport, FrozenStore, dataset_fingerprint, explainer_identity, freeze, teacher_fingerprint
 from .batches import build_datasets
 from .build import build_explainers, build_teacher, teacher_weights_available
@@ -118,6 +119,8 @@ def freeze_run(
             "(or optim.batch_size)"
         )
     path = store_path(cfg, split, out)
+    key = "--out" if out is not None else "teacher.frozen" if split == "train" else "teacher.frozen_eval"
+    check_writable_folder(path, f"the store folder ({key})", "pass --out with a folder you can write to")
     info = init_distributed(cfg.device)
     try:
         data = build_datasets(cfg)

@@ -306,14 +306,15 @@ def _resolve_resume(cfg: ExperimentConfig, ckpt_dir: Path) -> Optional[Path]:
     return path
 
 
-def check_same_config(run_dir: Path, cfg: ExperimentConfig) -> None:
-    """Raise unless the run in ``run_dir`` was made with ``cfg`` (settings that do not change the
-    result, such as logging and checkpointing, aside)."""
+def config_changes(run_dir: Path, cfg: ExperimentConfig) -> List[str]:
+    """The top-level config sections in which ``cfg`` differs from the run in ``run_dir`` (its
+    saved config.yaml; none when it has none), settings that do not change the result, such as
+    logging and checkpointing, aside."""
     import yaml
 
     path = run_dir / "config.yaml"
     if not path.is_file():
-        return
+        return []
     old = yaml.safe_load(path.read_text()) or {}
     try:  # a field added to the schema since the run started counts as its default
         old = to_dict(config_from_dict(old, where=str(path)))
@@ -322,7 +323,12 @@ def check_same_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     new = to_dict(cfg)
     ignore = {"resume", "progress", "num_workers", "log_every", "device", "tensorboard", "checkpoint_every",
               "keep_checkpoints", "eval_batch_size", "eval"}
-    diff = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+
+
+def _check_same_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Raise unless the run in ``run_dir`` was made with ``cfg`` (see :func:`config_changes`)."""
+    diff = config_changes(run_dir, cfg)
     if diff:
         raise ValueError(
             f"resuming {str(run_dir)!r} with a different config (changed: {', '.join(diff)}); "
@@ -497,7 +503,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
     resume_from = _resolve_resume(cfg, ckpt_dir)
     if resume_from is not None:
         if cfg.resume == "auto":
-            check_same_config(run_dir, cfg)
+            _check_same_config(run_dir, cfg)
         tensors, meta = load_checkpoint(resume_from)
         configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
         state = restore(tensors, meta, model=model, optimizer=optimizer)
@@ -681,7 +687,7 @@ def _run(cfg: ExperimentConfig, mode: str, info: DistInfo, callbacks: Sequence[o
             ctx.step = step
             _call(callbacks, "on_step_end", ctx)
             if step % cfg.log_every == 0 or step == total:
-                reduced = all_reduce_sum({k: v for k, v in log_acc.items() if not k.startswith("_")}, info)
+                reduced = all_reduce_sum({k: v for k, v in log_acc.items() if not k.startswith("_")}, info, same_keys=True)
                 ns = log_acc["_steps"]
                 elapsed = max(time.time() - t_last, 1e-9)
                 rec = {"step": step, "epoch": round(stream.epoch, 4), "split": "train", "lr": sched.value(step - 1)}
